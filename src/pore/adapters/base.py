@@ -1,0 +1,93 @@
+"""What the pruning engine needs to know about a model family.
+
+An adapter answers three questions: which modules to hook (the multimodal wrapper that sees `input_ids`, the
+language model and its decoder layers), where the image tokens are in a prompt, and where each one sits in
+its image grid. Everything else (scoring, top-k, gathering, masks, cache) is shared by all families.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pore.registry import Registry
+
+
+@dataclass
+class VisualLayout:
+    """The visual tokens of a batch, padded to the largest count per sample.
+
+    Shapes are (B, N) with N the largest number of visual tokens in any sample; entries past a sample's own
+    count have `valid == False`. Tokens are listed in sequence order.
+    """
+
+    seq_index: torch.Tensor  # (B, N) long: position of the token in the input sequence
+    image_index: torch.Tensor  # (B, N) long: which image of the sample the token belongs to
+    row: torch.Tensor  # (B, N) long: row of the token in its image grid
+    col: torch.Tensor  # (B, N) long: column of the token in its image grid
+    grid_h: torch.Tensor  # (B, N) long: rows of the token's image grid
+    grid_w: torch.Tensor  # (B, N) long: columns of the token's image grid
+    valid: torch.Tensor  # (B, N) bool: a real visual token (not batch padding)
+    prunable: torch.Tensor  # (B, N) bool: may be dropped (e.g. LLaVA-NeXT row separators may not)
+
+    @property
+    def raster(self) -> torch.Tensor:
+        """(B, N) long: raster index row * W + col of each token in its image grid."""
+        return self.row * self.grid_w + self.col
+
+    @property
+    def images_per_sample(self) -> torch.Tensor:
+        """(B,) long: number of images in each sample."""
+        shifted = torch.where(self.valid, self.image_index + 1, torch.zeros_like(self.image_index))
+        return shifted.max(dim=1).values if shifted.numel() else shifted.new_zeros(shifted.shape[0])
+
+
+class ModelAdapter(ABC):
+    """Tells the engine where things are in one model family."""
+
+    name: str
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter handles `model`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @abstractmethod
+    def multimodal_module(self) -> nn.Module:
+        """The module whose forward receives `input_ids` (to locate the image tokens)."""
+
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder-only language model (its forward receives the merged embeddings)."""
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model().layers
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    @abstractmethod
+    def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
+        """Locate the image tokens of a prompt batch (B, L) and their grid positions."""
+
+
+ADAPTERS: Registry[type[ModelAdapter]] = Registry("model adapter")
+
+
+def adapter_for(model: nn.Module, name: str | None = None) -> ModelAdapter:
+    """The adapter registered as `name`, or the one that matches `model`'s class."""
+    if name is not None:
+        return ADAPTERS.get(name)(model)
+    for adapter_name in ADAPTERS:
+        adapter_cls = ADAPTERS.get(adapter_name)
+        if adapter_cls.matches(model):
+            return adapter_cls(model)
+    raise ValueError(
+        f"no model adapter handles {type(model).__name__}; supported families: {', '.join(ADAPTERS.names())}"
+    )

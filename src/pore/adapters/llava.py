@@ -1,0 +1,73 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): one square grid of image tokens per image, in raster order."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pore.adapters.base import ADAPTERS, ModelAdapter, VisualLayout
+
+
+def llava_grid_shape(config) -> tuple[int, int]:
+    """(H, W) of the LLM's image-token grid, from the vision config (24 x 24 for llava-1.5 at 336 px / 14)."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    return side, side
+
+
+@ADAPTERS.register("llava")
+class LlavaAdapter(ModelAdapter):
+    name = "llava"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in ("LlavaForConditionalGeneration", "LlavaModel")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        config = model.config
+        self.image_token_id: int = config.image_token_id
+        self.grid_h, self.grid_w = llava_grid_shape(config)
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
+        # "full" keeps the CLS token in front of the patch tokens: one extra token per image, not in the grid.
+        self.extra_leading_tokens = 1 if strategy == "full" else 0
+
+    def multimodal_module(self) -> nn.Module:
+        return self.model.model if hasattr(self.model, "lm_head") else self.model
+
+    def language_model(self) -> nn.Module:
+        return self.multimodal_module().language_model
+
+    def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
+        is_image = input_ids == self.image_token_id  # (B, L)
+        counts = is_image.sum(dim=1)  # (B,)
+        tokens_per_image = self.grid_h * self.grid_w + self.extra_leading_tokens
+        if bool((counts % tokens_per_image != 0).any()):
+            raise ValueError(
+                f"each image must give {tokens_per_image} image tokens "
+                f"(a {self.grid_h} x {self.grid_w} grid), "
+                f"but the prompts hold {counts.tolist()}; build prompts with the model's own processor"
+            )
+        batch, n = input_ids.shape[0], int(counts.max()) if counts.numel() else 0
+        # Sequence positions of the image tokens, left-aligned per sample; padding slots point at position 0.
+        order = torch.argsort((~is_image).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, N)
+        slot = torch.arange(n, device=input_ids.device).expand(batch, n)  # (B, N)
+        valid = slot < counts[:, None]
+        seq_index = torch.where(valid, order, torch.zeros_like(order))
+        within = (
+            slot % tokens_per_image - self.extra_leading_tokens
+        )  # index inside the image's grid; -1 = CLS
+        in_grid = valid & (within >= 0)
+        within = within.clamp(min=0)
+        return VisualLayout(
+            seq_index=seq_index,
+            image_index=slot // tokens_per_image,
+            row=within // self.grid_w,
+            col=within % self.grid_w,
+            grid_h=torch.full_like(seq_index, self.grid_h),
+            grid_w=torch.full_like(seq_index, self.grid_w),
+            valid=valid,
+            prunable=in_grid,
+        )
