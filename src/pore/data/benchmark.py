@@ -1,0 +1,135 @@
+"""A benchmark: where its rows live, which columns they need, how a row becomes a prompt, how it is scored.
+
+Each benchmark is one small registered class (see `pore/data/benchmarks/`). The data module streams the
+rows with Hugging Face `datasets`, asks the benchmark to turn each row into a `Sample`, and the evaluation
+scores the answers with the benchmark's torchmetrics metric.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from PIL import Image
+
+from pore.registry import Registry
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
+
+
+class DataError(ValueError):
+    """A problem with the benchmark's data that the user can fix (a column, a path, a split)."""
+
+
+class SampleError(ValueError):
+    """A problem with one row (e.g. an unreadable image): the row is recorded as failed and skipped."""
+
+
+@dataclass
+class Sample:
+    """One question, ready for the model's chat template."""
+
+    question_id: str
+    text: str  # the user's turn: question, options and answer instruction (no chat markup)
+    answers: list[str]
+    image: Image.Image | None
+    # What the metric needs besides answers (category, image id, options, circular group), JSON-serialisable.
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_image(value: Any) -> Image.Image:
+    """An RGB PIL image from what `datasets` gives with `Image(decode=False)`, a PIL image or raw bytes."""
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, Mapping):
+            if value.get("bytes") is not None:
+                value = value["bytes"]
+            elif value.get("path"):
+                with Image.open(value["path"]) as image:
+                    return image.convert("RGB")
+            else:
+                raise SampleError("the image cell is empty")
+        if isinstance(value, (bytes, bytearray)):
+            with Image.open(io.BytesIO(value)) as image:
+                image.load()
+                return image.convert("RGB")
+    except SampleError:
+        raise
+    except Exception as error:  # PIL raises several types for broken files
+        # Drop object addresses ("<_io.BytesIO object at 0x...>") so that the message is reproducible.
+        message = re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error))
+        raise SampleError(f"unreadable image: {type(error).__name__}: {message}") from error
+    raise SampleError(f"unsupported image value of type {type(value).__name__}")
+
+
+def content_id(*parts: Any) -> str:
+    """A stable id from a row's content, for benchmarks without a unique question id column."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        digest.update(repr(part).encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+class Benchmark(ABC):
+    """How to read and score one benchmark. Subclasses set the class attributes and `to_sample`."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]  # a key of pore.metrics.METRICS
+    # logical column -> column name in the default dataset; users remap with `data.columns`
+    default_columns: ClassVar[dict[str, str]]
+
+    def __init__(self, columns: Mapping[str, str] | None = None, **options: Any) -> None:
+        unknown = set(columns or {}) - set(self.default_columns)
+        if unknown:
+            raise DataError(
+                f"{self.name}: unknown logical columns {sorted(unknown)} in data.columns; "
+                f"this benchmark reads {sorted(self.default_columns)}"
+            )
+        self.columns = {**self.default_columns, **(columns or {})}
+        self.options = options
+
+    def column(self, row: Mapping[str, Any], logical: str) -> Any:
+        return row[self.columns[logical]]
+
+    def required_columns(self) -> list[str]:
+        return list(self.columns.values())
+
+    def check_columns(self, available: list[str]) -> None:
+        missing = [logical for logical, actual in self.columns.items() if actual not in available]
+        if missing:
+            wanted = ", ".join(f"{logical} (column {self.columns[logical]!r})" for logical in missing)
+            raise DataError(
+                f"{self.name}: the data has no {wanted}; its columns are {sorted(available)}. "
+                f"Point data.path at the right dataset, or map the names, e.g. "
+                f"+data.columns.{missing[0]}=<column>"
+            )
+
+    def prepare(self, open_table: Callable[[str | None, str], Iterable[Mapping[str, Any]]]) -> None:
+        """Load side tables before streaming (GQA's images); `open_table(config, split)` streams one."""
+
+    def keep_row(self, row: Mapping[str, Any]) -> bool:
+        """Whether a row belongs to the configured subset (e.g. one POPE category). Cheap: no image decode."""
+        return True
+
+    def metric_extras(self, metas: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        """Keyword arguments for the metric's `update`, from the samples' `meta` (categories, groups, ...)."""
+        return {}
+
+    @abstractmethod
+    def question_id(self, row: Mapping[str, Any]) -> str:
+        """A unique, stable id for the row (used to resume and to merge ranks)."""
+
+    @abstractmethod
+    def to_sample(self, row: Mapping[str, Any]) -> Sample:
+        """Turn a row into a Sample; raise SampleError for a row that cannot be used."""
+
+
+BENCHMARKS: Registry[type[Benchmark]] = Registry("benchmark")

@@ -1,0 +1,64 @@
+"""Turn a list of samples into model inputs with the model's own processor and chat template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pore.data.benchmark import Sample
+from pore.data.stream import FailedSample
+
+# LLaVA-1.5's conversation format, used when a processor ships no chat template.
+FALLBACK_TEMPLATE = "USER: <image>\n{text} ASSISTANT:"
+
+
+@dataclass
+class PromptBatch:
+    """Model inputs for the usable samples of a batch, and the rows that failed."""
+
+    inputs: dict[str, torch.Tensor] | None  # processor output (input_ids, attention_mask, pixel_values, ...)
+    samples: list[Sample]  # without their images (kept light for the writer)
+    prompts: list[str]  # the exact text given to the processor
+    image_sizes: list[list[tuple[int, int]]]  # original (height, width) per image, per sample
+    failed: list[FailedSample] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples) + len(self.failed)
+
+
+def chat_prompt(processor: Any, text: str) -> str:
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return FALLBACK_TEMPLATE.format(text=text)
+
+
+class PromptCollator:
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, items: list[Sample | FailedSample]) -> PromptBatch:
+        failed = [item for item in items if isinstance(item, FailedSample)]
+        samples = [item for item in items if isinstance(item, Sample)]
+        usable = []
+        for sample in samples:
+            if sample.image is None:
+                failed.append(FailedSample(sample.question_id, "the row has no image"))
+            else:
+                usable.append(sample)
+        prompts = [chat_prompt(self.processor, sample.text) for sample in usable]
+        inputs = None
+        if usable:
+            inputs = dict(
+                self.processor(
+                    images=[sample.image for sample in usable],
+                    text=prompts,
+                    padding=True,
+                    return_tensors="pt",
+                )
+            )
+        image_sizes = [[(sample.image.height, sample.image.width)] for sample in usable]
+        light = [Sample(s.question_id, s.text, s.answers, None, s.meta) for s in usable]
+        return PromptBatch(inputs, light, prompts, image_sizes, failed)

@@ -1,0 +1,47 @@
+"""Exact match (GQA): the prediction equals one of the references, case and punctuation ignored."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+from pore.metrics._common import check_batch
+from pore.metrics.normalize import normalize_exact
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    """Whether `normalize_exact(prediction)` equals `normalize_exact` of any reference.
+
+    Deliberately strict: a prediction with extra words ("yes, it is") does not match "yes"; the prompt asks
+    for a single word or phrase, and following it is part of what is measured.
+    """
+    pred = normalize_exact(prediction)
+    return any(pred == normalize_exact(answer) for answer in answers)
+
+
+class ExactMatch(Metric):
+    """Share of predictions that match a reference exactly after `normalize_exact` -> {"acc"}."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    correct: torch.Tensor
+    total: torch.Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: Sequence[str], answers: Sequence[Sequence[str]], **extra: Any) -> None:
+        """Add a batch of raw model outputs and, per sample, the list of accepted answers."""
+        check_batch(predictions, answers)
+        self.correct += sum(exact_match(pred, refs) for pred, refs in zip(predictions, answers, strict=True))
+        self.total += len(predictions)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"acc": self.correct.double() / self.total.clamp(min=1)}

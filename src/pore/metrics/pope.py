@@ -1,0 +1,90 @@
+"""POPE (object hallucination): yes/no answers scored as a binary classifier with "yes" as positive."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+from pore.metrics._common import check_batch
+
+_WORD = re.compile(r"[a-z0-9']+")
+_NEGATIONS = frozenset({"no", "not"})
+
+
+def parse_pope_answer(prediction: str) -> str:
+    """Read a free-form answer as "yes" or "no", following the official POPE evaluation script.
+
+    Rule: keep the first sentence (text before the first "."), and answer "no" if it contains the word
+    "no" or "not", "yes" otherwise (so an answer that is neither, e.g. "a dog", counts as "yes", as in POPE).
+    The official script splits on spaces and is case-sensitive ("No!" or "NO" would read as yes); here words
+    are lowercased runs of letters, digits and apostrophes, so trailing punctuation and capitals do not
+    matter. "don't" or "cannot" are not the word "not", as in the script.
+    """
+    first_sentence = prediction.split(".", 1)[0].lower()
+    words = set(_WORD.findall(first_sentence))
+    return "no" if words & _NEGATIONS else "yes"
+
+
+def _label(answer: str, index: int) -> bool:
+    label = answer.strip().lower()
+    if label not in ("yes", "no"):
+        raise ValueError(f"POPE answers must be 'yes' or 'no', got {answer!r} for sample {index}")
+    return label == "yes"
+
+
+class POPEMetrics(Metric):
+    """Confusion counts with "yes" as positive -> {"acc", "precision", "recall", "f1", "yes_ratio"}.
+
+    `yes_ratio` is the share of predictions read as "yes" (POPE reports it to expose a yes-bias). Every ratio
+    with an empty denominator is 0.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    tp: torch.Tensor
+    fp: torch.Tensor
+    tn: torch.Tensor
+    fn: torch.Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("tp", "fp", "tn", "fn"):
+            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: Sequence[str], answers: Sequence[Sequence[str]], **extra: Any) -> None:
+        """Add raw model outputs; `answers[i][0]` is the ground truth "yes" / "no" (any case)."""
+        check_batch(predictions, answers)
+        counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+        for i, (pred, refs) in enumerate(zip(predictions, answers, strict=True)):
+            truth = _label(refs[0], i)
+            said_yes = parse_pope_answer(pred) == "yes"
+            counts[("t" if said_yes == truth else "f") + ("p" if said_yes else "n")] += 1
+        # One in-place add per counter and batch (not per sample): cheap when the states live on a GPU.
+        self.tp += counts["tp"]
+        self.fp += counts["fp"]
+        self.tn += counts["tn"]
+        self.fn += counts["fn"]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        tp, fp, tn, fn = (state.double() for state in (self.tp, self.fp, self.tn, self.fn))
+        total = tp + fp + tn + fn
+        precision = _ratio(tp, tp + fp)
+        recall = _ratio(tp, tp + fn)
+        return {
+            "acc": _ratio(tp + tn, total),
+            "precision": precision,
+            "recall": recall,
+            "f1": _ratio(2 * precision * recall, precision + recall),
+            "yes_ratio": _ratio(tp + fp, total),
+        }
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 0 where the denominator is 0 (e.g. precision with no "yes" predicted)."""
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))

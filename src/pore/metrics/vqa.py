@@ -1,0 +1,68 @@
+"""VQA accuracy (VQAv2, TextVQA): soft agreement with the human answers, as in the official toolkit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+
+from pore.metrics._common import check_batch
+from pore.metrics.normalize import normalize_vqa
+
+# An answer given by this many annotators counts as fully right.
+HUMAN_AGREEMENT = 3
+
+
+def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+    """Accuracy of one prediction against its n reference answers, both normalised with `normalize_vqa`.
+
+    Mean over the n leave-one-out subsets of the answers of min(1, matches in the subset / 3): with the
+    usual 10 answers, a prediction given by 1, 2, 3, 4+ annotators scores 0.3, 0.6, 0.9, 1.0 (a matching
+    annotator is left out of some subsets, hence 0.9 and not 1.0 for three). With a single answer there is no
+    non-empty subset, so the score is exact match of the normalised strings.
+
+    Both sides are always normalised, as the VQAv2 server (EvalAI) and lmms-eval do for predictions. The
+    offline `vqaEval.py` normalises nothing when the references all agree (there, "1,000" would miss ten
+    "1000"); its references are stored normalised already, so normalising them too changes nothing on its
+    data and keeps other data (TextVQA, raw strings) fair.
+    """
+    pred = normalize_vqa(prediction)
+    refs = [normalize_vqa(answer) for answer in answers]
+    if len(refs) == 1:
+        return float(pred == refs[0])
+    matches = sum(ref == pred for ref in refs)
+    # Leaving out a matching answer leaves matches - 1 in the subset, leaving out another one leaves matches.
+    total = sum(min(1.0, (matches - (ref == pred)) / HUMAN_AGREEMENT) for ref in refs)
+    return total / len(refs)
+
+
+class VQAAccuracy(Metric):
+    """Mean `vqa_score` over samples -> {"acc"} in [0, 1].
+
+    States are two sums (score and count), so the DDP reduction is exact.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    score: torch.Tensor
+    total: torch.Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # float64: a sum of many scores in float32 would drift in the 7th digit on large splits.
+        self.add_state("score", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: Sequence[str], answers: Sequence[Sequence[str]], **extra: Any) -> None:
+        """Add a batch of raw model outputs and, per sample, the list of reference answers."""
+        check_batch(predictions, answers)
+        scores = [vqa_score(pred, refs) for pred, refs in zip(predictions, answers, strict=True)]
+        self.score += torch.tensor(scores, dtype=torch.float64, device=self.score.device).sum()
+        self.total += len(scores)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"acc": self.score / self.total.clamp(min=1)}
