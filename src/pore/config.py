@@ -36,9 +36,17 @@ def run_digest(*nodes: Any) -> str:
     return hashlib.blake2b(json.dumps(plain, sort_keys=True, default=str).encode(), digest_size=3).hexdigest()
 
 
+def asset_path(name: str) -> str:
+    """A file shipped in the repository's `assets/` folder (or under $PORE_ASSETS when that is set)."""
+    root = os.environ.get("PORE_ASSETS") or str(Path(__file__).resolve().parents[2] / "assets")
+    return str(Path(root) / name)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_digest"):
         OmegaConf.register_new_resolver("run_digest", run_digest)
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset_path)
 
 
 def build_strategy(cfg: DictConfig) -> Strategy:
@@ -83,7 +91,7 @@ def load_model_and_processor(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise FileNotFoundError(
             f"model.path {path!r} is not a local checkpoint folder nor a hub id (owner/name); "
-            "for the embedded model, run from the repository root or set PORE_ASSETS"
+            "the embedded model lives in the repository's assets/ folder (or set PORE_ASSETS)"
         )
     try:
         processor = AutoProcessor.from_pretrained(path)

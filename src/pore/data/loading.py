@@ -21,25 +21,38 @@ def open_stream(path: str, config: str | None, split: str) -> datasets.IterableD
     local = Path(path).expanduser()
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise DataError(f"data.path {path!r} is neither a local folder nor a hub id (owner/name)")
-    options = {"data_dir": config} if config else {}
+    source = str(local) if local.exists() else path
     try:
-        stream = datasets.load_dataset(
-            str(local) if local.exists() else path, split=split, streaming=True, **options
-        )
+        stream = _load(source, config, split)
     except ValueError as error:
         if "split" in str(error).lower():
             raise DataError(f"{path}: {error} (set data.split)") from error
         raise DataError(f"cannot read {path!r} (config {config!r}, split {split!r}): {error}") from error
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ConnectionError) as error:  # offline, a hub id raises ConnectionError
         raise DataError(
-            f"cannot find {path!r} (config {config!r}): {error}. Without network access, point data.path "
-            "at a local folder of parquet files"
+            f"cannot find {path!r} (config {config!r}, split {split!r}): {error}. Without network access, "
+            "point data.path at a local folder of parquet files"
         ) from error
     features = stream.features or {}
     for name, feature in features.items():
         if isinstance(feature, datasets.Image):
             stream = stream.cast_column(name, datasets.Image(decode=False))
     return stream
+
+
+def _load(source: str, config: str | None, split: str) -> datasets.IterableDataset:
+    """Stream one split of `source`, of its sub-folder (config) `config` when given."""
+    if not config:
+        return datasets.load_dataset(source, split=split, streaming=True)
+    try:
+        # The lmms-lab layout (push_to_hub's): <config>/<split>-00000-of-00001.parquet. Split names such as
+        # GQA's "testdev" or MMBench's "dev" are not found by `data_dir` alone (it knows train/test/...).
+        return datasets.load_dataset(
+            source, data_files={split: f"{config}/{split}-*"}, split=split, streaming=True
+        )
+    except FileNotFoundError:
+        # Other layouts inside the sub-folder (data/<split>-*, <split>.parquet, ...).
+        return datasets.load_dataset(source, data_dir=config, split=split, streaming=True)
 
 
 def column_names(stream: datasets.IterableDataset) -> list[str]:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 
+import datasets
+import fsspec
 import torch
 from datasets.distributed import split_dataset_by_node
 
@@ -35,6 +37,21 @@ class StreamSource:
     config: str | None
     split: str
     limit: int | None = None
+
+
+def all_rows(stream: datasets.IterableDataset) -> Iterator[dict]:
+    """Every row of `stream`, also inside a dataloader worker.
+
+    Iterated in a worker, a `datasets` stream keeps only that worker's share of its parquet shards (and none
+    when there are fewer shards than workers). BenchmarkStream splits across ranks and workers itself, and
+    GQA's image table must be whole in every worker, so a worker reads through `iter()`, which does not split.
+    """
+    if torch.utils.data.get_worker_info() is None:
+        yield from stream
+        return
+    fsspec.asyn.reset_lock()  # as datasets does in a worker: no event loop lock inherited from the parent
+    for batch in stream.iter(batch_size=1):
+        yield {key: values[0] for key, values in batch.items()}
 
 
 class BenchmarkStream(torch.utils.data.IterableDataset):
@@ -67,19 +84,19 @@ class BenchmarkStream(torch.utils.data.IterableDataset):
         stream = open_stream(source.path, source.config, source.split)
         part, parts = self._part()
         if source.limit is not None:
-            wanted = (row for row in stream if self.benchmark.keep_row(row))
+            wanted = (row for row in all_rows(stream) if self.benchmark.keep_row(row))
             for index, row in enumerate(islice(wanted, source.limit)):
                 if index % parts == part:
                     yield row
             return
-        for row in split_dataset_by_node(stream, rank=part, world_size=parts):
+        for row in all_rows(split_dataset_by_node(stream, rank=part, world_size=parts)):
             if self.benchmark.keep_row(row):
                 yield row
 
     def __iter__(self) -> Iterator[Sample | FailedSample]:
         if not self._prepared:
             src = self.source
-            self.benchmark.prepare(lambda config, split: open_stream(src.path, config, split))
+            self.benchmark.prepare(lambda config, split: all_rows(open_stream(src.path, config, split)))
             self._prepared = True
         for row in self._rows():
             question_id = self.benchmark.question_id(row)

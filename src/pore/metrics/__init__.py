@@ -27,6 +27,7 @@ from pore.metrics.mme import (
 )
 from pore.metrics.normalize import normalize_exact, normalize_vqa
 from pore.metrics.pope import POPEMetrics, parse_pope_answer
+from pore.metrics.spatial import SpatialAccuracy
 from pore.metrics.vqa import VQAAccuracy, vqa_score
 
 METRICS: dict[str, type[Metric]] = {
@@ -35,6 +36,7 @@ METRICS: dict[str, type[Metric]] = {
     "pope": POPEMetrics,
     "mme": MMEMetrics,
     "multiple_choice": MultipleChoiceAccuracy,
+    "spatial": SpatialAccuracy,
 }
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "MMEMetrics",
     "MultipleChoiceAccuracy",
     "POPEMetrics",
+    "SpatialAccuracy",
     "VQAAccuracy",
     "exact_match",
     "extract_choice",

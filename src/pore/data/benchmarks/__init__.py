@@ -1,5 +1,5 @@
 """The built-in benchmarks; importing this package registers them in `BENCHMARKS`."""
 
-from pore.data.benchmarks import gqa, mmbench, mme, pope, scienceqa, textvqa, vqav2
+from pore.data.benchmarks import gqa, mmbench, mme, pope, scienceqa, spatial, textvqa, vqav2
 
-__all__ = ["gqa", "mmbench", "mme", "pope", "scienceqa", "textvqa", "vqav2"]
+__all__ = ["gqa", "mmbench", "mme", "pope", "scienceqa", "spatial", "textvqa", "vqav2"]

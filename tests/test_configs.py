@@ -1,0 +1,231 @@
+"""The Hydra config tree (`conf/`) composes, and what it builds equals the Python registries' objects.
+
+Composed with Hydra's compose API from the repository's own `conf/` folder, so a broken default list, an
+interpolation that does not resolve or a config that drifts from `pore.build_strategy` fails here, not in
+the middle of a GPU run. No data and no model are read.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may be fetched from a hub: switched off before `datasets` is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import functools
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import pore
+from pore.config import build_benchmark, build_strategy, model_dtype, register_resolvers
+from pore.data import BENCHMARKS, StreamSource
+from pore.evaluate import SettingsMismatchError, check_resumable
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+GROUPS = ("model", "data", "strategy", "trainer", "logger")
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+
+# The public benchmarks' data configs: the hub repository name and the split table each one must point at.
+HUB_SOURCES: dict[str, tuple[str, str, str | None, str]] = {
+    # config name: (benchmark, repository name, config, split)
+    "gqa": ("gqa", "GQA", "testdev_balanced_instructions", "testdev"),
+    "mmbench": ("mmbench", "MMBench", "en", "dev"),
+    "mme": ("mme", "MME", None, "test"),
+    "pope": ("pope", "POPE", None, "test"),
+    "pope_adversarial": ("pope", "POPE", None, "test"),
+    "pope_popular": ("pope", "POPE", None, "test"),
+    "pope_random": ("pope", "POPE", None, "test"),
+    "scienceqa_img": ("scienceqa_img", "ScienceQA", "ScienceQA-IMG", "test"),
+    "textvqa": ("textvqa", "textvqa", None, "validation"),
+    "vqav2": ("vqav2", "VQAv2", None, "validation"),
+}
+
+Compose = Callable[..., DictConfig]
+
+
+@pytest.fixture(scope="module")
+def compose() -> Iterator[Compose]:
+    """`compose(*overrides)`: the config as `python src/run.py <overrides>` would see it."""
+    register_resolvers()
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        # Composing takes ~0.1 s; the tests only read the configs, so one composition per override list.
+        yield functools.cache(lambda *overrides: hydra.compose("config", overrides=list(overrides)))
+
+
+def test_the_groups_have_options() -> None:
+    """The glob below found the config files (an empty group would make the next test vacuous)."""
+    found = {group for group, _ in OPTIONS}
+    assert found == set(GROUPS)
+    assert {"none", "fastv", "pore_linear", "pore_exponential", "random"} <= {
+        option for group, option in OPTIONS if group == "strategy"
+    }
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_of_every_group_composes(compose: Compose, group: str, option: str) -> None:
+    """`<group>=<option>` puts exactly that file under `<group>`, and every interpolation resolves."""
+    cfg = compose(f"{group}={option}")
+    expected = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    assert OmegaConf.to_container(cfg[group], resolve=False) == expected
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert set(resolved) >= {*GROUPS, "output_dir", "seed", "max_new_tokens"}
+    assert re.fullmatch(r"outputs/[^/]+/[^/]+/[^/]+-[0-9a-f]{6}", resolved["output_dir"])
+
+
+STRATEGY_NAMES = sorted(path.stem for path in (CONF / "strategy").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_strategy_configs_equal_the_python_registry(compose: Compose, name: str) -> None:
+    """Each strategy file builds the registry's strategy of that name: same method, budget, layer, prior."""
+    built = build_strategy(compose(f"strategy={name}"))
+    registered = pore.build_strategy(name)
+    assert built.name == registered.name == name
+    assert (built.method, built.layer, built.keep, built.ratio, built.seed) == (
+        registered.method,
+        registered.layer,
+        registered.keep,
+        registered.ratio,
+        registered.seed,
+    )
+    for key in ("name", "position", "suppress_padding", "pad_threshold"):
+        assert getattr(built.prior, key) == getattr(registered.prior, key), key
+    assert built.prior.hyperparameters() == registered.prior.hyperparameters()
+    built.validate(num_layers=32)
+
+
+def test_strategy_config_values_by_hand(compose: Compose) -> None:
+    """The values users read in the README table: PoRe linear alpha 0.6, exponential sigma 0.95, K = 2."""
+    linear = build_strategy(compose("strategy=pore_linear"))
+    assert (linear.method, linear.layer, linear.keep, linear.ratio) == ("fastv", 2, None, 0.25)
+    assert (linear.prior.name, linear.prior.hyperparameters()) == ("linear", {"alpha": 0.6})
+    exponential = build_strategy(compose("strategy=pore_exponential"))
+    assert (exponential.prior.name, exponential.prior.hyperparameters()) == ("exponential", {"sigma": 0.95})
+    overridden = build_strategy(
+        compose("strategy=pore_linear", "strategy.keep=64", "strategy.prior.alpha=0.3")
+    )
+    assert (overridden.keep, overridden.budget(576), overridden.prior.hyperparameters()) == (
+        64,
+        64,
+        {"alpha": 0.3},
+    )
+    assert build_strategy(compose("strategy=fastv")).budget(576) == 144  # ratio 0.25 of 24 x 24 tokens
+
+
+DATA_NAMES = sorted(path.stem for path in (CONF / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", DATA_NAMES)
+def test_every_data_config_builds_its_benchmark(compose: Compose, name: str) -> None:
+    """build_benchmark gives the configured benchmark class and stream source, reading no data."""
+    cfg = compose(f"data={name}")
+    benchmark, source = build_benchmark(cfg)
+    assert isinstance(benchmark, BENCHMARKS.get(str(cfg.data.benchmark)))
+    assert source == StreamSource(str(cfg.data.path), cfg.data.config, str(cfg.data.split), None)
+    if name in HUB_SOURCES:
+        kind, repository, config, split = HUB_SOURCES[name]
+        assert benchmark.name == kind
+        assert source == StreamSource(f"lmms-lab-encoder/{repository}", config, split, None)
+
+
+def test_hub_data_configs_are_the_ones_listed_here() -> None:
+    """Every data config with a hub_org is checked against HUB_SOURCES (none is left out)."""
+    with_hub = {name for name in DATA_NAMES if "hub_org" in OmegaConf.load(CONF / "data" / f"{name}.yaml")}
+    assert with_hub == set(HUB_SOURCES)
+
+
+@pytest.mark.parametrize("name", sorted(HUB_SOURCES))
+def test_hub_path_follows_hub_org(compose: Compose, name: str) -> None:
+    """data.hub_org=lmms-lab points a public benchmark at the pre-2026 organisation."""
+    repository = HUB_SOURCES[name][1]
+    assert compose(f"data={name}").data.path == f"lmms-lab-encoder/{repository}"
+    assert compose(f"data={name}", "data.hub_org=lmms-lab").data.path == f"lmms-lab/{repository}"
+
+
+def test_benchmark_options_reach_the_benchmark(compose: Compose) -> None:
+    """POPE's subset and GQA's image table come from `data.options`."""
+    subsets = {
+        name: build_benchmark(compose(f"data={name}"))[0].subset for name in HUB_SOURCES if "pope" in name
+    }
+    assert subsets == {
+        "pope": None,
+        "pope_adversarial": "adversarial",
+        "pope_popular": "popular",
+        "pope_random": "random",
+    }
+    gqa, _ = build_benchmark(compose("data=gqa"))
+    assert (gqa.image_config, gqa.image_split) == ("testdev_balanced_images", "testdev")
+    remapped, _ = build_benchmark(compose("data=vqav2", "+data.columns.answers=labels"))
+    assert remapped.columns["answers"] == "labels"
+
+
+def test_data_limit_must_be_a_positive_integer(compose: Compose) -> None:
+    """data.limit=5 reaches the source; 0 and 2.5 are refused with the setting's name."""
+    assert build_benchmark(compose("data=vqav2", "data.limit=5"))[1].limit == 5
+    for bad in ("0", "2.5"):
+        with pytest.raises(ValueError, match=r"data\.limit must be a positive integer or null"):
+            build_benchmark(compose("data=vqav2", f"data.limit={bad}"))
+
+
+def test_output_dir_changes_with_the_answers_settings_only(compose: Compose) -> None:
+    """The default run folder's digest follows strategy settings, not batch size or loader workers."""
+    base = compose("data=vqav2", "strategy=pore_linear").output_dir
+    assert re.fullmatch(r"outputs/tiny_llava/vqav2/pore_linear-[0-9a-f]{6}", base)
+    fresh = hydra.compose("config", overrides=["data=vqav2", "strategy=pore_linear"])  # not the cached one
+    assert fresh.output_dir == base
+    same = [
+        compose("data=vqav2", "strategy=pore_linear", "data.batch_size=1").output_dir,
+        compose("data=vqav2", "strategy=pore_linear", "data.num_workers=0").output_dir,
+    ]
+    assert same == [base, base]
+    other = {
+        compose("data=vqav2", "strategy=pore_linear", "strategy.keep=64").output_dir,
+        compose("data=vqav2", "strategy=pore_linear", "strategy.prior.alpha=0.3").output_dir,
+        compose("data=vqav2", "strategy=pore_linear", "data.limit=10").output_dir,
+        compose("data=vqav2", "strategy=pore_linear", "max_new_tokens=8").output_dir,
+    }
+    assert len(other) == 4 and base not in other
+
+
+def test_model_dtype(compose: Compose) -> None:
+    """auto is float32 on a CPU and bfloat16 on a GPU; names map to torch dtypes; others are refused."""
+    assert model_dtype(compose("model.dtype=auto", "trainer.accelerator=cpu")) == torch.float32
+    assert model_dtype(compose("model.dtype=auto", "trainer.accelerator=gpu")) == torch.bfloat16
+    assert model_dtype(compose("model.dtype=float16", "trainer.accelerator=cpu")) == torch.float16
+    with pytest.raises(ValueError) as caught:
+        model_dtype(compose("model.dtype=half_precision"))
+    assert str(caught.value) == (
+        "model.dtype must be auto or a torch dtype name (bfloat16, float16, float32), got 'half_precision'"
+    )
+    with pytest.raises(ValueError, match="a torch dtype name"):
+        model_dtype(compose("model.dtype=Tensor"))  # a torch attribute, but not a dtype
+
+
+def test_check_resumable(compose: Compose, tmp_path: Path) -> None:
+    """A folder is resumed only with the same answer-changing settings; loader logistics may differ."""
+    overrides = ("data=vqav2", "strategy=pore_linear", "strategy.keep=64")
+    check_resumable(compose(*overrides), tmp_path)  # no config.yaml yet: nothing to compare
+    OmegaConf.save(compose(*overrides), tmp_path / "config.yaml", resolve=True)
+
+    check_resumable(compose(*overrides), tmp_path)
+    check_resumable(compose(*overrides, "data.batch_size=2", "data.num_workers=0"), tmp_path)
+
+    with pytest.raises(SettingsMismatchError) as caught:
+        check_resumable(compose("data=vqav2", "strategy=pore_linear", "strategy.keep=32"), tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path} holds a run with other `strategy` settings (")
+    assert "'keep': 64" in message and "'keep': 32" in message
+    assert message.endswith("choose another output_dir, or delete that folder to start over")
+
+    with pytest.raises(SettingsMismatchError, match="other `max_new_tokens` settings"):
+        check_resumable(compose(*overrides, "max_new_tokens=8"), tmp_path)
+    with pytest.raises(SettingsMismatchError, match="other `data` settings"):
+        check_resumable(compose(*overrides, "data.limit=3"), tmp_path)
