@@ -47,7 +47,7 @@ def encode(processor, rows: list[dict]) -> tuple[torch.Tensor, list[list[int]], 
     expanded = IMAGE_TOKEN * (GRID * GRID)
     for row in rows:
         image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
-        images.append(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
         conversation = [
             {
                 "role": "user",
@@ -117,15 +117,15 @@ def main() -> None:
     )
     parser.add_argument("out", type=Path)
     parser.add_argument("--train-samples", type=int, default=24000)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--vision-hidden", type=int, default=128)
-    parser.add_argument("--vision-layers", type=int, default=3)
-    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=1000)
     args = parser.parse_args()
 
     started = time.time()

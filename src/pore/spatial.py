@@ -53,7 +53,7 @@ def draw_scene(items: list[Item], rng: random.Random) -> Image.Image:
     draw = ImageDraw.Draw(image)
     half = IMAGE_SIZE // 2
     for item in items:
-        size = rng.randint(14, 20)
+        size = rng.randint(18, 24)
         left = (item.quadrant % 2) * half + rng.randint(2, half - size - 2)
         top = (item.quadrant // 2) * half + rng.randint(2, half - size - 2)
         box = (left, top, left + size, top + size)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from statistics import fmean
@@ -65,12 +64,7 @@ def summary_table(metrics: dict[str, float], title: str) -> str:
     width = max([len(key) for key in metrics] + [len(title)])
     lines = [title, "-" * (width + 14)]
     for key, value in metrics.items():
-        shown = (
-            f"{value:.4f}"
-            if isinstance(value, float) and not math.isnan(value) and not value.is_integer()
-            else f"{value:g}"
-        )
-        lines.append(f"{key:<{width}}  {shown:>12}")
+        lines.append(f"{key:<{width}}  {value:>12.4g}")
     return "\n".join(lines)
 
 
