@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pore.spatial import generate
 from pore.tiny import DEFAULT_WORDS, IMAGE_TOKEN, build_processor, tiny_llava_config
@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--vision-hidden", type=int, default=128)
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument(
+        "--init", type=Path, help="continue training from this checkpoint (a new LR schedule)"
+    )
     args = parser.parse_args()
 
     started = time.time()
@@ -152,7 +155,13 @@ def main() -> None:
         vision_layers=args.vision_layers,
         initializer_range=0.02,
     )
-    model = LlavaForConditionalGeneration(config).to(device).train()
+    model = LlavaForConditionalGeneration(config)
+    previous = None
+    if args.init is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(args.init)
+        previous = json.loads((args.init / "training.json").read_text())
+    model = model.to(device).train()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -214,6 +223,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "training_seconds": round(time.time() - started, 1),
         "history": history,
+        "continued_from": previous,
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
