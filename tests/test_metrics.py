@@ -17,6 +17,7 @@ from pore.metrics import (
     MMEMetrics,
     MultipleChoiceAccuracy,
     POPEMetrics,
+    SpatialAccuracy,
     VQAAccuracy,
     extract_choice,
     normalize_exact,
@@ -302,6 +303,7 @@ def test_metric_registry() -> None:
         "pope": POPEMetrics,
         "mme": MMEMetrics,
         "multiple_choice": MultipleChoiceAccuracy,
+        "spatial": SpatialAccuracy,
     }
     assert expected == METRICS
 
