@@ -53,19 +53,19 @@ def accuracy(tmp_path: Path, *overrides: str) -> dict[str, float]:
 
 
 def test_unpruned_model_reads_the_images(tmp_path: Path) -> None:
-    """The shipped model is partly trained (see training.json): it must beat answering blind by a margin."""
+    """The shipped model must read the images: far above answering blind (82 % vs 35 % when trained)."""
     metrics = accuracy(tmp_path, "strategy=none")
     blind = blind_accuracy()
     assert metrics["spatial/samples"] == SPLIT
     assert 0.3 < blind < 0.5
-    assert metrics["spatial/acc"] >= blind + 0.15
+    assert metrics["spatial/acc"] >= 0.8 and metrics["spatial/acc"] >= blind + 0.4
 
 
 def test_random_pruning_to_an_eighth_costs_accuracy(tmp_path: Path) -> None:
     unpruned = accuracy(tmp_path / "none", "strategy=none")
     pruned = accuracy(tmp_path / "random", "strategy=random", "strategy.keep=8")
     assert pruned["eff/visual_tokens"] == 8
-    assert pruned["spatial/acc"] < unpruned["spatial/acc"]
+    assert pruned["spatial/acc"] <= unpruned["spatial/acc"] - 0.1
 
 
 def test_no_argument_run(tmp_path: Path) -> None:
