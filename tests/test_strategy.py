@@ -4,7 +4,12 @@ from pore import STRATEGIES, Strategy, UnknownNameError, build_strategy
 
 
 def test_predefined_strategies() -> None:
-    assert set(STRATEGIES) == {"none", "fastv", "pore_linear", "pore_exponential", "random"}
+    assert {"none", "fastv", "pore_linear", "pore_exponential", "random"} <= set(STRATEGIES)
+    for method in ("pdrop", "sparsevlm"):
+        for form in ("linear", "exponential"):
+            strategy = build_strategy(f"pore_{method}_{form}")
+            assert (strategy.method, strategy.prior.name) == (method, form)
+    assert build_strategy("pool_average").options == {"mode": "average"}
     assert build_strategy("pore_linear").method == "fastv"
     assert build_strategy("pore_linear").prior.name == "linear"
     assert build_strategy("pore_exponential").prior.name == "exponential"
@@ -29,9 +34,14 @@ def test_budget_keep_wins_over_ratio() -> None:
 
 
 def test_unknown_names_list_the_valid_ones() -> None:
-    with pytest.raises(UnknownNameError, match="choose one of: fastv, none, pore_exponential"):
+    with pytest.raises(
+        UnknownNameError,
+        match="choose one of: fastervlm, fastv, none, pdrop, pool, pool_average, pore_exponential",
+    ):
         build_strategy("fastvv")
-    with pytest.raises(UnknownNameError, match="choose one of: fastv, none, random"):
+    with pytest.raises(
+        UnknownNameError, match="choose one of: fastervlm, fastv, none, pdrop, pool, random, sparsevlm"
+    ):
         Strategy(method="sparse").validate()
     with pytest.raises(ValueError, match="unknown strategy settings"):
         Strategy.from_mapping({"method": "fastv", "kep": 3})
@@ -51,3 +61,42 @@ def test_unknown_names_list_the_valid_ones() -> None:
 def test_bad_settings_raise(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_strategy("fastv", **settings).validate(num_layers=32)
+
+
+def test_stages_from_lists() -> None:
+    pdrop = build_strategy("pdrop")
+    stages = pdrop.validate(num_layers=32).stages()
+    assert [(s.layer, s.ratio, s.reweight) for s in stages] == [
+        (8, 0.5, True),
+        (16, 0.25, True),
+        (24, 0.125, True),
+    ]
+    assert [s.budget(576) for s in stages] == [288, 144, 72]
+    first_only = build_strategy("pore_pdrop_linear", reweight="first").stages()
+    assert [s.reweight for s in first_only] == [True, False, False]
+    shared_keep = build_strategy("pdrop", keep=64, ratio=None, layer=[2, 3]).stages()
+    assert [(s.layer, s.budget(576)) for s in shared_keep] == [(2, 64), (3, 64)]
+    # Lists from YAML become tuples, so strategies stay immutable.
+    assert Strategy.from_mapping({"method": "pdrop", "layer": [1, 2], "ratio": [0.5, 0.25]}).layer == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"layer": [8, 8], "ratio": [0.5, 0.25]}, "increasing layers"),
+        ({"layer": [8, 16], "ratio": [0.5, 0.25, 0.1]}, "3 values but strategy.layer names 2 stages"),
+        ({"layer": [8, 40], "ratio": [0.5, 0.25]}, r"layer must be in \[1, 31\]"),
+        ({"layer": [8, 16], "ratio": [0.5, 0.0]}, r"ratio must be in \(0, 1\]"),
+        ({"reweight": "last"}, "reweight must be 'all' or 'first'"),
+        ({"options": {"mode": "max"}}, r"unknown strategy.options \['mode'\].*valid options: none"),
+    ],
+)
+def test_bad_stage_settings_raise(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_strategy("pdrop", **settings).validate(num_layers=32)
+
+
+def test_method_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"unknown strategy.options \['merg'\].*valid options: merge"):
+        build_strategy("sparsevlm", options={"merg": True}).validate()
+    build_strategy("sparsevlm", options={"merge": True}).validate()

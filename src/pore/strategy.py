@@ -1,32 +1,73 @@
 """A strategy = a pruning method + a reweighting prior + their hyperparameters, registered by name.
 
 The names of the fields are the config keys that users and sweeps set: `strategy.keep`, `strategy.layer`,
-`strategy.prior.alpha`, `strategy.prior.sigma`, `strategy.prior.position`.
+`strategy.prior.alpha`, `strategy.prior.sigma`, `strategy.prior.position`, `strategy.options.<name>`.
+
+Multi-stage methods (PyramidDrop) give lists: `strategy.layer=[8,16,24] strategy.ratio=[0.5,0.25,0.125]`
+prunes before layers 8, 16 and 24, keeping 50 / 25 / 12.5 % of each image's tokens from there on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from pore.calibration.priorfile import embedded_prior_path
 from pore.methods import METHODS
 from pore.priors import PriorConfig
 from pore.registry import Registry
 
 
 @dataclass(frozen=True)
+class PruningStage:
+    """One pruning point: before decoder layer `layer`, keep `keep` tokens (or `ratio` of them) per image."""
+
+    layer: int
+    keep: int | None
+    ratio: float | None
+    reweight: bool  # whether the prior multiplies the scores at this stage
+
+    def budget(self, tokens_in_image: int) -> int:
+        """How many of an image's `tokens_in_image` prunable tokens (counted before any pruning) to keep."""
+        if self.keep is not None:
+            return int(self.keep)
+        return max(1, round(self.ratio * tokens_in_image))
+
+
+def _as_tuple(value: Any) -> Any:
+    """Lists (from YAML / Hydra) become tuples, so that a strategy stays immutable and hashable."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
 class Strategy:
-    """How to prune. `keep` (image tokens kept per image) wins over `ratio` (share kept) when both are set."""
+    """How to prune. `keep` (image tokens kept per image) wins over `ratio` (share kept) when both are set.
+
+    `layer`, `keep` and `ratio` are single values for one pruning stage, or lists of one value per stage
+    (`keep` / `ratio` may stay single values, then every stage uses them). `reweight` says whether the prior
+    applies at every stage (`all`) or only at the first (`first`). `options` are the method's own settings.
+    """
 
     name: str = "none"
     method: str = "none"
-    layer: int = 2
-    keep: int | None = None
-    ratio: float | None = 0.25
+    layer: int | tuple[int, ...] = 2
+    keep: int | tuple[int, ...] | None = None
+    ratio: float | tuple[float, ...] | None = 0.25
     prior: PriorConfig = field(default_factory=PriorConfig)
+    reweight: Literal["all", "first"] = "all"
+    options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("layer", "keep", "ratio"):
+            object.__setattr__(self, key, _as_tuple(getattr(self, key)))
+        object.__setattr__(self, "options", dict(self.options or {}))
+        # A measured prior (pore_calibrated) reads the profile of the layer it prunes at (the first stage's).
+        first = self.layers[0] if self.layers and isinstance(self.layers[0], int) else None
+        object.__setattr__(self, "prior", self.prior.at_layer(first))
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> Strategy:
@@ -54,32 +95,64 @@ class Strategy:
     def prunes(self) -> bool:
         return METHODS.get(self.method).prunes
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers before which tokens are pruned, one per stage."""
+        return self.layer if isinstance(self.layer, tuple) else (self.layer,)
+
+    def stages(self) -> list[PruningStage]:
+        """The pruning stages in layer order (call `validate` first for readable errors)."""
+        count = len(self.layers)
+
+        def per_stage(value: Any) -> tuple:
+            return value if isinstance(value, tuple) else (value,) * count
+
+        keeps, ratios = per_stage(self.keep), per_stage(self.ratio)
+        return [
+            PruningStage(layer, keep, ratio, reweight=self.reweight == "all" or index == 0)
+            for index, (layer, keep, ratio) in enumerate(zip(self.layers, keeps, ratios, strict=True))
+        ]
+
     def validate(self, num_layers: int | None = None) -> Strategy:
         """Check every setting; returns self so it chains. Errors name the valid range."""
-        METHODS.get(self.method)
+        method = METHODS.get(self.method)
         self.prior.validate()
+        method.check_options(self.options)
         if not self.prunes:
             return self
-        if self.keep is None and self.ratio is None:
-            raise ValueError("set strategy.keep (tokens kept per image) or strategy.ratio (share kept)")
-        if self.keep is not None and (
-            isinstance(self.keep, bool) or int(self.keep) != self.keep or self.keep < 1
-        ):
-            raise ValueError(f"strategy.keep must be a positive integer, got {self.keep}")
-        if self.keep is None and not 0.0 < self.ratio <= 1.0:  # also rejects NaN
-            raise ValueError(f"strategy.ratio must be in (0, 1], got {self.ratio}")
-        if num_layers is not None and not 1 <= self.layer < num_layers:
-            raise ValueError(
-                f"strategy.layer must be in [1, {num_layers - 1}] for this {num_layers}-layer language model "
-                f"(pruning happens before layer K and is scored in layer K-1), got {self.layer}"
-            )
+        if self.reweight not in ("all", "first"):
+            raise ValueError(f"strategy.reweight must be 'all' or 'first', got {self.reweight!r}")
+        layers = self.layers
+        if not layers:
+            raise ValueError("strategy.layer must name at least one layer")
+        for key in ("keep", "ratio"):
+            value = getattr(self, key)
+            if isinstance(value, tuple) and len(value) != len(layers):
+                raise ValueError(
+                    f"strategy.{key} has {len(value)} values but strategy.layer names {len(layers)} stages; "
+                    f"give one value per stage or a single value"
+                )
+        if any(b <= a for a, b in itertools.pairwise(layers)):
+            raise ValueError(f"strategy.layer must list increasing layers, got {list(layers)}")
+        for stage in self.stages():
+            if stage.keep is None and stage.ratio is None:
+                raise ValueError("set strategy.keep (tokens kept per image) or strategy.ratio (share kept)")
+            if stage.keep is not None and (
+                isinstance(stage.keep, bool) or int(stage.keep) != stage.keep or stage.keep < 1
+            ):
+                raise ValueError(f"strategy.keep must be a positive integer, got {stage.keep}")
+            if stage.keep is None and not 0.0 < stage.ratio <= 1.0:  # also rejects NaN
+                raise ValueError(f"strategy.ratio must be in (0, 1], got {stage.ratio}")
+            if num_layers is not None and not 1 <= stage.layer < num_layers:
+                raise ValueError(
+                    f"strategy.layer must be in [1, {num_layers - 1}] for this {num_layers}-layer language "
+                    f"model (pruning happens before layer K and is scored in layer K-1), got {stage.layer}"
+                )
         return self
 
     def budget(self, tokens_in_image: int) -> int:
-        """How many of an image's `tokens_in_image` prunable tokens to keep."""
-        if self.keep is not None:
-            return int(self.keep)
-        return max(1, round(self.ratio * tokens_in_image))
+        """How many of an image's `tokens_in_image` prunable tokens the first stage keeps."""
+        return self.stages()[0].budget(tokens_in_image)
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
@@ -98,6 +171,31 @@ STRATEGIES.add(
         name="pore_exponential", method="fastv", prior=PriorConfig("exponential", params={"sigma": 0.95})
     ),
 )
+
+# PoRe with the prior measured by src/calibrate.py (default: the embedded model's own calibration folder;
+# a folder holds layer<K>.json per pruning layer, and the strategy's layer picks its file).
+STRATEGIES.add(
+    "pore_calibrated",
+    Strategy(
+        name="pore_calibrated",
+        method="fastv",
+        prior=PriorConfig("calibrated", params={"path": embedded_prior_path(), "form": "profile"}),
+    ),
+)
+
+LINEAR = PriorConfig("linear", params={"alpha": 0.6})
+EXPONENTIAL = PriorConfig("exponential", params={"sigma": 0.95})
+# PyramidDrop's published schedule for 32-layer LLMs: before layers 8 / 16 / 24, keep 50 / 25 / 12.5 %.
+PDROP = {"layer": (8, 16, 24), "ratio": (0.5, 0.25, 0.125)}
+STRATEGIES.add("pdrop", Strategy(name="pdrop", method="pdrop", **PDROP))
+STRATEGIES.add("sparsevlm", Strategy(name="sparsevlm", method="sparsevlm"))
+STRATEGIES.add("fastervlm", Strategy(name="fastervlm", method="fastervlm"))
+STRATEGIES.add("pool", Strategy(name="pool", method="pool"))
+STRATEGIES.add("pool_average", Strategy(name="pool_average", method="pool", options={"mode": "average"}))
+for _method, _settings in (("pdrop", PDROP), ("sparsevlm", {})):
+    for _form, _prior in (("linear", LINEAR), ("exponential", EXPONENTIAL)):
+        _name = f"pore_{_method}_{_form}"
+        STRATEGIES.add(_name, Strategy(name=_name, method=_method, prior=_prior, **_settings))
 
 
 def build_strategy(name: str, **overrides: Any) -> Strategy:

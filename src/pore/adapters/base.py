@@ -8,7 +8,9 @@ its image grid. Everything else (scoring, top-k, gathering, masks, cache) is sha
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,8 +75,32 @@ class ModelAdapter(ABC):
         return layer.self_attn
 
     @abstractmethod
-    def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
-        """Locate the image tokens of a prompt batch (B, L) and their grid positions."""
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: which positions of `input_ids` hold visual tokens (prunable or not)."""
+
+    @abstractmethod
+    def visual_layout(
+        self, input_ids: torch.Tensor, image_inputs: Mapping[str, Any] | None = None
+    ) -> VisualLayout:
+        """Locate the visual tokens of a prompt batch (B, L) and their grid positions.
+
+        `image_inputs` are the other keyword arguments the multimodal module's forward received (e.g.
+        `image_sizes` for LLaVA-NeXT, `image_grid_thw` for Qwen2-VL): families whose grids vary per image
+        read them; LLaVA-1.5 does not need them.
+        """
+
+    def vision_scoring_attention(self) -> tuple[nn.Module, Any]:
+        """The vision-encoder attention module whose [CLS] row scores the patches (FasterVLM), and the
+        config of the sub-model it belongs to (its attention implementation is switched to the scoring
+        wrapper). Families without a [CLS] token do not implement it."""
+        raise NotImplementedError(
+            f"the {self.name} adapter has no vision [CLS] attention to score with; choose a method that "
+            f"scores with the language model's attention"
+        )
+
+    def vision_token_scores(self, cls_attention: torch.Tensor, layout: VisualLayout) -> torch.Tensor:
+        """(B, N) score of each visual token from the encoder's (images, L_v) [CLS] attention rows."""
+        raise NotImplementedError(f"the {self.name} adapter has no vision [CLS] attention")
 
 
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model adapter")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -40,8 +43,13 @@ class LlavaAdapter(ModelAdapter):
     def language_model(self) -> nn.Module:
         return self.multimodal_module().language_model
 
-    def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
-        is_image = input_ids == self.image_token_id  # (B, L)
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.image_token_id
+
+    def visual_layout(
+        self, input_ids: torch.Tensor, image_inputs: Mapping[str, Any] | None = None
+    ) -> VisualLayout:
+        is_image = self.visual_token_mask(input_ids)  # (B, L)
         counts = is_image.sum(dim=1)  # (B,)
         tokens_per_image = self.grid_h * self.grid_w + self.extra_leading_tokens
         if bool((counts % tokens_per_image != 0).any()):
@@ -71,3 +79,25 @@ class LlavaAdapter(ModelAdapter):
             valid=valid,
             prunable=in_grid,
         )
+
+    def vision_scoring_attention(self) -> tuple[nn.Module, Any]:
+        tower = self.multimodal_module().vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers  # (older releases nest the encoder)
+        feature_layer = self.model.config.vision_feature_layer
+        if isinstance(feature_layer, (list, tuple)):
+            feature_layer = feature_layer[-1]
+        # hidden_states[j] is the output of encoder layer j - 1 (j = 0: the embeddings), so the features
+        # come out of layer j - 1, and that layer's attention is the one that shaped them.
+        j = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
+        if not 1 <= j <= len(layers):
+            raise ValueError(f"vision_feature_layer {feature_layer} does not come out of an encoder layer")
+        return layers[j - 1].self_attn, tower.config
+
+    def vision_token_scores(self, cls_attention: torch.Tensor, layout: VisualLayout) -> torch.Tensor:
+        # cls_attention: (images, 1 + H * W), the images of the batch in order (sample 0's first).
+        patches = cls_attention[:, 1:]  # (images, H * W) without the [CLS] key itself
+        images_per_sample = layout.images_per_sample.tolist()
+        first_image = torch.tensor([0, *images_per_sample[:-1]], device=patches.device).cumsum(0)  # (B,)
+        image = (first_image[:, None] + layout.image_index).clamp(max=patches.shape[0] - 1)  # (B, N)
+        scores = patches[image, layout.raster.clamp(max=patches.shape[1] - 1)]  # (B, N)
+        return torch.where(layout.valid & layout.prunable, scores, torch.zeros_like(scores)).double()

@@ -90,7 +90,7 @@ class VLMEvaluator(L.LightningModule):
             return record.sequence_lengths, record.visual_tokens
         layers = len(self.adapter.decoder_layers())
         real = batch_inputs["attention_mask"].sum(dim=1)
-        visual = self.adapter.visual_layout(batch_inputs["input_ids"]).valid.sum(dim=1)
+        visual = self.adapter.visual_token_mask(batch_inputs["input_ids"]).sum(dim=1)
         return real.expand(layers, -1), visual.expand(layers, -1)
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:

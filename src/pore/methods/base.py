@@ -1,15 +1,27 @@
 """Pruning methods: how each image token is scored before the prior and the per-image top-k.
 
-A method is a small class that turns what the engine observed at the pruning point into one score per visual
+A method is a small class that turns what the engine observed at a pruning point into one score per visual
 token (higher = more worth keeping). The engine multiplies the scores by the prior's weights and keeps the
-top `keep` tokens of each image; methods never deal with masks, caches or gathering.
+top `keep` of each image; methods never deal with masks, caches or gathering. A method says what it needs
+to look at through class attributes, so the engine only pays for what is used:
+
+- `attention_queries = "last"`: the attention the last prompt token pays every position in layer K-1
+  (FastV, PyramidDrop);
+- `attention_queries = "text"`: the attention every text token pays every position in layer K-1
+  (SparseVLM's raters);
+- `vision_attention = True`: the vision encoder's [CLS] attention to its patches (FasterVLM).
+
+A method may also rewrite the hidden states of the tokens it keeps (`merge`: average pooling, token
+recycling); by default the kept tokens pass through unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -19,30 +31,73 @@ from pore.registry import Registry
 
 @dataclass
 class ScoringInputs:
-    """What a method may look at when the engine prunes before layer K."""
+    """What a method may look at when the engine prunes before a layer.
+
+    Sequence positions refer to the sequence as it enters the pruning layer: at a later stage of a
+    multi-stage strategy, `layout.seq_index` points into the already shortened sequence and `alive` marks
+    the visual tokens that earlier stages kept.
+    """
 
     layout: VisualLayout
-    input_ids: torch.Tensor  # (B, L) the prompt tokens
-    attention_mask: torch.Tensor  # (B, L) 1 for real tokens, 0 for padding
-    # (B, L) attention that the last prompt token pays every position in layer K-1, mean over heads;
-    # present only for methods with `needs_attention = True`.
+    alive: torch.Tensor  # (B, N) bool: visual tokens still in the sequence (all valid ones at stage 0)
+    input_ids: torch.Tensor  # (B, L) the prompt tokens (original, unpruned)
+    attention_mask: torch.Tensor  # (B, L) 1 for real tokens, 0 for padding (original, unpruned)
+    budget: Callable[[int], int]  # tokens to keep of an image, from its number of prunable tokens
+    stage: int = 0  # index of the pruning stage
+    # (B, L_cur) attention of the last prompt token over the current sequence in layer K-1, mean over heads.
     last_token_attention: torch.Tensor | None = None
+    # (B, Q, L_cur) attention of the text tokens at `text_positions` over the current sequence in layer K-1.
+    text_attention: torch.Tensor | None = None
+    text_valid: torch.Tensor | None = None  # (B, Q) bool: real text query (not padding of the Q axis)
+    # (B, N) the vision encoder's [CLS] attention to each visual token's patch (0 for tokens without one).
+    vision_attention: torch.Tensor | None = None
+
+    def candidates(self) -> torch.Tensor:
+        """(B, N) bool: the visual tokens this stage may drop."""
+        return self.layout.valid & self.layout.prunable & self.alive
 
 
 class PruningMethod(ABC):
-    """Scores visual tokens; registered by name in `METHODS`."""
+    """Scores visual tokens; registered by name in `METHODS`.
 
-    #: whether the engine must capture layer K-1's last-token attention for this method
-    needs_attention: ClassVar[bool] = False
+    Keyword arguments of `__init__` besides `seed` are the method's options (`strategy.options.<name>`).
+    """
+
+    #: which attention rows of layer K-1 the engine must capture (None: none)
+    attention_queries: ClassVar[Literal["last", "text"] | None] = None
+    #: whether the engine must capture the vision encoder's [CLS] attention
+    vision_attention: ClassVar[bool] = False
     #: whether the method drops anything at all (`none` does not, and leaves the model untouched)
     prunes: ClassVar[bool] = True
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
+    @property
+    def needs_attention(self) -> bool:
+        """Whether the engine must watch layer K-1's attention."""
+        return self.attention_queries is not None
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        parameters = inspect.signature(cls.__init__).parameters
+        return [name for name in parameters if name not in ("self", "seed")]
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Unknown option names are an error that lists the valid ones."""
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            valid = ", ".join(cls.option_names()) or "none"
+            raise ValueError(f"unknown strategy.options {unknown} for this method; valid options: {valid}")
+
     @abstractmethod
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
-        """(B, N) float scores, one per visual token of `inputs.layout` (padding slots are ignored)."""
+        """(B, N) float scores, one per visual token of `inputs.layout` (non-candidates are ignored)."""
+
+    def merge(self, inputs: ScoringInputs, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L_cur, D) to gather the kept tokens from; `kept` (B, N) bool. Default: as is."""
+        return hidden
 
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning method")

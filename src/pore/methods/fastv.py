@@ -13,7 +13,7 @@ from pore.methods.base import METHODS, PruningMethod, ScoringInputs
 
 @METHODS.register("fastv")
 class FastV(PruningMethod):
-    needs_attention = True
+    attention_queries = "last"
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         assert inputs.last_token_attention is not None

@@ -53,7 +53,10 @@ def scoring_implementation(base: str) -> str:
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         callback = _WATCHED.get(module)
         if callback is not None:
-            callback(query, key, attention_mask, kwargs.get("scaling", module.scaling))
+            scaling = kwargs.get("scaling")
+            if scaling is None:  # the backends' default: 1 / sqrt(head_dim)
+                scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+            callback(query, key, attention_mask, scaling)
         return _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
 
     if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
@@ -66,28 +69,54 @@ def base_implementation(name: str) -> str:
     return name.removeprefix(PREFIX)
 
 
+def query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    positions: torch.Tensor | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Softmax attention of some queries over all keys, averaged over heads: (B, Q, L_k) float32.
+
+        query: (B, H, L_q, D); key: (B, H_kv, L_k, D) with H = H_kv * G (grouped-query attention: head h reads
+        key head h // G, the layout of transformers' `repeat_kv`). positions: (B, Q) long query positions, or
+        None for the last query only (Q = 1). attention_mask as the backend receives it: 4-D bool (True =
+        attend, SDPA), 4-D float (additive, eager), 2-D (1 = real token, FlashAttention; the causal part is
+        applied here) or None (no padding). `causal=False` for bidirectional encoders (a vision tower's [CLS]
+    row). Only these Q rows are computed, never the L_q x L_k map.
+    """
+    batch, heads, q_length, head_dim = query.shape
+    kv_heads, kv_length = key.shape[1], key.shape[2]
+    if positions is None:
+        positions = torch.full((batch, 1), q_length - 1, dtype=torch.long, device=query.device)
+    n_queries = positions.shape[1]
+    picked = query.gather(2, positions[:, None, :, None].expand(batch, heads, n_queries, head_dim))
+    picked = picked.reshape(batch, kv_heads, heads // kv_heads, n_queries, head_dim)  # (B, H_kv, G, Q, D)
+    logits = torch.matmul(picked, key[:, :, None].transpose(-1, -2)).float() * scaling  # (B, H_kv, G, Q, L_k)
+    # Queries sit at the end of the keys (a prefill with no past): query i is key position offset + i.
+    key_position = torch.arange(kv_length, device=query.device)
+    allowed = key_position[None, None, :] <= (positions + kv_length - q_length)[:, :, None]  # (B, Q, L_k)
+    if not causal:
+        allowed = torch.ones_like(allowed)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        rows = attention_mask[:, 0, :, -kv_length:]  # (B or 1, L_q, L_k)
+        rows = rows.expand(batch, -1, -1).gather(1, positions[:, :, None].expand(-1, -1, kv_length))
+        if rows.dtype == torch.bool:
+            allowed = allowed & rows
+        else:
+            logits = logits + rows[:, None, None].float()
+    elif attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, -kv_length:].bool()
+    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # A query that may see no key (a padding query) gets zeros instead of the softmax's NaNs.
+    probs = probs.nan_to_num(0.0)
+    return probs.mean(dim=(1, 2))  # (B, Q, L_k)
+
+
 def last_query_attention(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """Softmax attention of the last query over all keys, averaged over heads: (B, L_k) float32.
-
-    query: (B, H, L_q, D); key: (B, H_kv, L_k, D) with H = H_kv * G (grouped-query attention: head h reads
-    key head h // G, the layout of transformers' `repeat_kv`). attention_mask as the backend receives it:
-    4-D bool (True = attend, SDPA), 4-D float (additive, eager), 2-D (1 = real token, FlashAttention) or None
-    (no padding: the last query may attend to every key).
-    """
-    batch, heads, _, head_dim = query.shape
-    kv_heads, kv_length = key.shape[1], key.shape[2]
-    q_last = query[:, :, -1, :].reshape(batch, kv_heads, heads // kv_heads, head_dim)  # (B, H_kv, G, D)
-    logits = torch.matmul(q_last, key.transpose(-1, -2)).float() * scaling  # (B, H_kv, G, L_k)
-    if attention_mask is not None:
-        if attention_mask.dim() == 4:
-            row = attention_mask[:, :, -1:, -kv_length:]  # (B, 1, 1, L_k)
-        else:
-            row = attention_mask[:, None, None, -kv_length:].bool()  # (B, 1, 1, L_k)
-        if row.dtype == torch.bool:
-            logits = logits.masked_fill(~row, float("-inf"))
-        else:
-            logits = logits + row.float()
-    probs = torch.softmax(logits, dim=-1)
-    return probs.mean(dim=(1, 2))  # (B, L_k)
+    """Softmax attention of the last query over all keys, averaged over heads: (B, L_k) float32."""
+    return query_attention(query, key, attention_mask, scaling)[:, 0]

@@ -1,22 +1,25 @@
-"""The pruning engine: drop image tokens between two decoder layers of a transformers VLM, through hooks.
+"""The pruning engine: drop image tokens between decoder layers of a transformers VLM, through hooks.
 
-How one prefill runs with a pruner attached (K = `strategy.layer`):
+How one prefill runs with a pruner attached (K = a stage's `strategy.layer`; one stage for FastV and PoRe,
+several for PyramidDrop):
 
-1. A forward pre-hook on the multimodal wrapper reads `input_ids`; the model adapter locates the image
-   tokens and their (row, col) in the image grid.
+1. A forward pre-hook on the multimodal wrapper reads `input_ids` (and `image_sizes` / `image_grid_thw`);
+   the model adapter locates the visual tokens and their (row, col) in their image grid.
 2. A forward pre-hook on the language model decides prefill vs continuation (from the KV cache) and keeps
    the 2-D padding mask.
-3. In layer K-1, the scoring attention wrapper (`pore.pruning.attention`) computes the last prompt token's
-   attention row from the query/key states, while SDPA / FlashAttention / eager runs unchanged.
-4. A forward pre-hook on decoder layer K scores the image tokens (method x prior), keeps the top `keep` of
-   each image, gathers the hidden states, RoPE embeddings and position ids of the kept tokens (which keep
-   their original positions), and builds the attention mask for the shorter sequence. Pre-hooks on layers
-   K+1.. hand them the same pruned mask and embeddings.
+3. In layer K-1, the scoring attention wrapper (`pore.pruning.attention`) computes the rows of attention
+   the method needs (the last prompt token's, or the text tokens') from the query/key states, while SDPA /
+   FlashAttention / eager runs unchanged. FasterVLM's [CLS] row is caught the same way in the vision tower.
+4. A forward pre-hook on decoder layer K scores the visual tokens still in the sequence (method x prior),
+   keeps the top `keep` of each image, lets the method rewrite the kept hidden states (pooling, merging),
+   gathers the hidden states, RoPE embeddings and position ids of the kept tokens (which keep their
+   original positions), and builds the attention mask for the shorter sequence. Pre-hooks on the later
+   layers hand them the same pruned mask and embeddings, until the next stage shortens them again.
 
-Layers below K therefore cache every token, layers from K only the kept ones (a `DynamicCache` holds one
-length per layer). At each decoding step the hook on layer K rebuilds the mask of the pruned layers from
-the pruned prompt mask plus the new tokens' mask; RoPE positions come from the full layers, so new tokens
-get their true positions.
+Layers below the first K therefore cache every token, each stage's layers only what it kept (a
+`DynamicCache` holds one length per layer). At each decoding step the hook on every stage's first layer
+rebuilds that stage's mask from its pruned prompt mask plus the new tokens' mask; RoPE positions come from
+the full layers, so new tokens get their true positions.
 
 The forward's outputs (logits, hidden states) cover the kept sequence: text tokens plus kept image tokens in
 their original order. What each prefill did is in `Pruner.last_record`.
@@ -24,7 +27,8 @@ their original order. What each prefill did is in `Pruner.last_record`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -46,17 +50,28 @@ _ATTACHED: WeakKeyDictionary[nn.Module, Pruner] = WeakKeyDictionary()
 
 @dataclass
 class _Prefill:
-    """State of one forward over a fresh prompt."""
+    """State of one forward over a fresh prompt, updated by each pruning stage."""
 
-    input_ids: torch.Tensor  # (B, L)
+    input_ids: torch.Tensor  # (B, L) the prompt
     padding_mask: torch.Tensor  # (B, L) bool, True = real token
-    layout: VisualLayout
-    last_token_attention: torch.Tensor | None = None  # (B, L), filled in layer K-1
+    layout: VisualLayout  # (B, N) the prompt's visual tokens, positions in the unpruned sequence
+    alive: torch.Tensor  # (B, N) bool: visual tokens still in the sequence
+    position: torch.Tensor  # (B, N) long: where each alive visual token sits in the current sequence
+    origin: torch.Tensor  # (B, L_cur) long: position in the prompt of each slot of the current sequence
+    current_padding: torch.Tensor  # (B, L_cur) bool: real tokens of the current sequence
+    vision_attention: torch.Tensor | None = None  # (B, N) [CLS] attention of each token's patch
+    # Filled by the scoring layer of the next stage: (B, L_cur), or (B, Q, L_cur) with (B, Q) valid queries.
+    last_token_attention: torch.Tensor | None = None
+    text_attention: torch.Tensor | None = None
+    text_valid: torch.Tensor | None = None
+    stage: int = 0  # the next stage to run
+    stage_kept: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) bool
+    stage_scores: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) float64
 
 
 @dataclass
 class _PrunedLayerInputs:
-    """What every decoder layer from K on receives instead of the language model's own arguments."""
+    """What every decoder layer after a pruning point receives instead of the language model's arguments."""
 
     attention_mask: Any  # in the backend's own format (None, 4-D bool / float, or 2-D)
     position_embeddings: Any  # (cos, sin) of the kept tokens; None = unchanged
@@ -65,10 +80,10 @@ class _PrunedLayerInputs:
 
 @dataclass
 class _Sequence:
-    """What decoding steps need from the prefill: how the prompt was shortened."""
+    """What decoding steps need from the prefill: how each stage shortened the prompt."""
 
     prompt_length: int  # L, tokens of the prompt in the full layers
-    pruned_padding_mask: torch.Tensor  # (B, L') bool: real tokens among the pruned prompt's slots
+    stage_padding: list[torch.Tensor]  # per stage (B, L_s) bool: real tokens among the pruned prompt's slots
     cache: Cache | None
 
 
@@ -89,7 +104,7 @@ class Pruner:
 
     >>> with Pruner(model, build_strategy("pore_linear", keep=64)) as pruner:
     ...     answer = model.generate(**inputs, max_new_tokens=16)
-    ...     pruner.last_record.kept_raster  # per sample, per image: raster indices kept
+    ...     pruner.last_record.kept_raster  # per sample, per image: indices of the grid tokens kept
     """
 
     def __init__(
@@ -99,13 +114,16 @@ class Pruner:
         self.adapter = adapter if isinstance(adapter, ModelAdapter) else adapter_for(model, adapter)
         self.layers = self.adapter.decoder_layers()
         self.strategy = strategy.validate(num_layers=len(self.layers))
-        self.method = METHODS.get(strategy.method)(seed=strategy.seed)
+        self.stages = strategy.stages()
+        self.method = METHODS.get(strategy.method)(seed=strategy.seed, **strategy.options)
         self.last_record: PruningRecord | None = None
         self._image_sizes: list[list[tuple[int, int]]] | None = None
         self._handles: list[Any] = []
-        self._watched: nn.Module | None = None
-        self._original_attention: str | None = None
+        self._watched: list[nn.Module] = []
+        self._original_attention: dict[str, str] = {}
         self._pending_input_ids: torch.Tensor | None = None
+        self._pending_image_inputs: dict[str, Any] = {}
+        self._pending_vision_attention: torch.Tensor | None = None
         self._prefill: _Prefill | None = None
         self._decoding = False
         self._sequence: _Sequence | None = None
@@ -132,16 +150,24 @@ class Pruner:
             language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True),
             language_model.register_forward_hook(self._after_language_model, always_call=True),
         ]
-        for index in range(self.strategy.layer, len(self.layers)):
-            hook = self._on_pruning_layer if index == self.strategy.layer else self._on_pruned_layer
+        stage_of_layer = {stage.layer: index for index, stage in enumerate(self.stages)}
+        for index in range(self.stages[0].layer, len(self.layers)):
+            if index in stage_of_layer:
+                hook = partial(self._on_pruning_layer, stage_of_layer[index])
+            else:
+                hook = self._on_pruned_layer
             self._handles.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         if self.method.needs_attention:
-            self._original_attention = language_model.config._attn_implementation
-            self.model.set_attn_implementation(
-                {self._text_config_key(): scoring.scoring_implementation(self._original_attention)}
-            )
-            self._watched = self.adapter.attention_module(self.layers[self.strategy.layer - 1])
-            scoring.watch(self._watched, self._on_scoring_attention)
+            self._use_scoring_attention(language_model.config)
+            for index, stage in enumerate(self.stages):
+                module = self.adapter.attention_module(self.layers[stage.layer - 1])
+                scoring.watch(module, partial(self._on_scoring_attention, index))
+                self._watched.append(module)
+        if self.method.vision_attention:
+            module, config = self.adapter.vision_scoring_attention()
+            self._use_scoring_attention(config)
+            scoring.watch(module, self._on_vision_attention)
+            self._watched.append(module)
         return self
 
     def detach(self) -> None:
@@ -150,12 +176,12 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._watched is not None:
-            scoring.unwatch(self._watched)
-            self._watched = None
-        if self._original_attention is not None:
-            self.model.set_attn_implementation({self._text_config_key(): self._original_attention})
-            self._original_attention = None
+        for module in self._watched:
+            scoring.unwatch(module)
+        self._watched = []
+        if self._original_attention:
+            self.model.set_attn_implementation(self._original_attention)
+            self._original_attention = {}
         self._prefill = self._sequence = self._pruned_inputs = None
 
     def __enter__(self) -> Pruner:
@@ -168,14 +194,22 @@ class Pruner:
         """Original (height, width) of every image, per sample, for the next prefill's padding suppression."""
         self._image_sizes = sizes
 
-    # ------------------------------------------------------------------ checks
+    # ------------------------------------------------------------------ checks and set-up
 
-    def _text_config_key(self) -> str:
-        config, text_config = self.model.config, self.adapter.language_model().config
+    def _config_key(self, sub_config: Any) -> str:
+        """The key of `sub_config` in the model's config ("" = the top-level config)."""
+        config = self.model.config
         for key in getattr(config, "sub_configs", {}):
-            if getattr(config, key, None) is text_config:
+            if getattr(config, key, None) is sub_config:
                 return key
         return ""
+
+    def _use_scoring_attention(self, sub_config: Any) -> None:
+        """Switch one sub-model to the `pore_<base>` attention wrapper (remembering the base to restore)."""
+        key = self._config_key(sub_config)
+        base = sub_config._attn_implementation
+        self._original_attention[key] = base
+        self.model.set_attn_implementation({key: scoring.scoring_implementation(base)})
 
     def _check_supported(self) -> None:
         config = self.adapter.language_model().config
@@ -191,10 +225,25 @@ class Pruner:
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._pending_input_ids = input_ids
+        # What the adapter may need to place the visual tokens (image_sizes, image_grid_thw, ...).
+        self._pending_image_inputs = {key: value for key, value in kwargs.items() if key != "input_ids"}
+        # No reset of the pending vision attention here: generate() may run the vision encoder before the
+        # multimodal forward (passing `mm_encoder_outputs`); the language-model hook consumes it.
+
+    def _on_vision_attention(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    ) -> None:
+        # (images, L_v): the [CLS] query's attention over the encoder's tokens; the encoder is bidirectional.
+        cls_position = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
+        self._pending_vision_attention = scoring.query_attention(
+            query, key, attention_mask, scaling, cls_position, causal=False
+        )[:, 0]
 
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._prefill, self._pruned_inputs, self._decoding = None, None, False
         input_ids, self._pending_input_ids = self._pending_input_ids, None
+        image_inputs, self._pending_image_inputs = self._pending_image_inputs, {}
+        vision_attention, self._pending_vision_attention = self._pending_vision_attention, None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise ValueError("the pruner needs the VLM to call its language model with inputs_embeds")
@@ -215,7 +264,12 @@ class Pruner:
         if cache is not None and cache.get_seq_length() > 0:  # continuation: decoding steps
             if self._sequence is None or self._sequence.cache is not cache:
                 raise RuntimeError("a cached continuation reached the pruner without its prefill")
-            if input_ids is not None and self._has_image_tokens(input_ids):
+            # New images at a decoding step (multi-turn with a cache); an image token id that a model
+            # generates without pixels is only a token.
+            has_pixels = any(
+                image_inputs.get(key) is not None for key in ("pixel_values", "pixel_values_videos")
+            )
+            if has_pixels and input_ids is not None and self._has_image_tokens(input_ids):
                 raise NotImplementedError(
                     "image tokens after the prefill (multi-turn with a cache) are not supported"
                 )
@@ -238,29 +292,65 @@ class Pruner:
                 "prompts must be left-padded so that the last position is each prompt's last token: "
                 "set processor.tokenizer.padding_side = 'left'"
             )
-        self._prefill = _Prefill(input_ids, padding_mask, self.adapter.visual_layout(input_ids))
+        layout = self.adapter.visual_layout(input_ids, image_inputs)
+        if self.method.vision_attention:
+            if vision_attention is None:
+                raise RuntimeError("the vision encoder did not report its [CLS] attention; no pixel_values?")
+            vision_attention = self.adapter.vision_token_scores(vision_attention, layout)
+        self._prefill = _Prefill(
+            input_ids=input_ids,
+            padding_mask=padding_mask,
+            layout=layout,
+            alive=layout.valid.clone(),
+            position=layout.seq_index.clone(),
+            origin=torch.arange(length, device=input_ids.device).expand(batch, length),
+            current_padding=padding_mask,
+            vision_attention=vision_attention,
+        )
         self._sequence = None
 
     def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._prefill, self._pruned_inputs, self._decoding = None, None, False
 
     def _on_scoring_attention(
-        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+        self,
+        stage: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
     ) -> None:
-        if self._prefill is not None:
-            self._prefill.last_token_attention = scoring.last_query_attention(
-                query, key, attention_mask, scaling
-            )
+        prefill = self._prefill
+        if prefill is None or prefill.stage != stage:
+            return
+        if self.method.attention_queries == "last":
+            prefill.last_token_attention = scoring.query_attention(query, key, attention_mask, scaling)[:, 0]
+        else:
+            positions, valid = self._text_queries(prefill)
+            prefill.text_attention = scoring.query_attention(query, key, attention_mask, scaling, positions)
+            prefill.text_valid = valid
 
-    def _on_pruning_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _text_queries(self, prefill: _Prefill) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q) positions of the current sequence's real text tokens, left-aligned, and (B, Q) valid."""
+        visual = torch.zeros_like(prefill.input_ids, dtype=torch.bool)  # (B, L)
+        visual.scatter_(1, prefill.layout.seq_index, prefill.layout.valid)
+        is_text = prefill.current_padding & ~visual.gather(1, prefill.origin)  # (B, L_cur)
+        count = int(is_text.sum(dim=1).max())
+        order = torch.argsort((~is_text).to(torch.int8), dim=1, stable=True)[:, :count]  # (B, Q)
+        return order, is_text.gather(1, order)
+
+    def _on_pruning_layer(
+        self, stage: int, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
         if self._prefill is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            hidden = self._prune_prompt(hidden, kwargs)
+            hidden = self._prune_prompt(stage, hidden, kwargs)
             args, kwargs = (
                 ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
             )
         elif self._decoding:
-            self._pruned_inputs = self._decoding_inputs(args[0] if args else kwargs["hidden_states"], kwargs)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._pruned_inputs = self._decoding_inputs(stage, hidden, kwargs)
         return self._on_pruned_layer(module, args, kwargs) or (args, kwargs)
 
     def _on_pruned_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -277,27 +367,46 @@ class Pruner:
     # ------------------------------------------------------------------ the pruning itself
 
     def _has_image_tokens(self, input_ids: torch.Tensor) -> bool:
-        return bool(self.adapter.visual_layout(input_ids).valid.any())
+        return bool(self.adapter.visual_token_mask(input_ids).any())
 
-    def _select(self, prefill: _Prefill) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which visual tokens to keep: (B, N) bool, and the (B, N) weighted scores that were ranked."""
+    def _scoring_inputs(self, stage: int, prefill: _Prefill) -> ScoringInputs:
         layout = prefill.layout
-        strategy = self.strategy
-        if self.method.needs_attention and prefill.last_token_attention is None:
+        method = self.method
+        if (method.attention_queries == "last" and prefill.last_token_attention is None) or (
+            method.attention_queries == "text" and prefill.text_attention is None
+        ):
             raise RuntimeError(
-                f"layer {strategy.layer - 1} did not report its attention; is the model's forward hooked?"
+                f"layer {self.stages[stage].layer - 1} did not report its attention; is the model's forward "
+                f"hooked?"
             )
-        scores = self.method.score(
-            ScoringInputs(layout, prefill.input_ids, prefill.padding_mask, prefill.last_token_attention)
+        current = VisualLayout(**{**vars(layout), "seq_index": prefill.position})
+        return ScoringInputs(
+            layout=current,
+            alive=prefill.alive,
+            input_ids=prefill.input_ids,
+            attention_mask=prefill.padding_mask,
+            budget=self.stages[stage].budget,
+            stage=stage,
+            last_token_attention=prefill.last_token_attention,
+            text_attention=prefill.text_attention,
+            text_valid=prefill.text_valid,
+            vision_attention=prefill.vision_attention,
         )
-        weights = strategy.prior.weights(layout.row, layout.col, layout.grid_h, layout.grid_w).to(
-            scores.device
-        )
-        if strategy.prior.suppress_padding:
-            weights = weights * self._padding_weights(layout).to(weights.device)
-        weighted = scores * weights  # (B, N)
 
-        candidates = layout.valid & layout.prunable  # (B, N)
+    def _select(self, stage: int, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which visual tokens survive this stage: (B, N) bool, and the (B, N) weighted scores ranked."""
+        layout = inputs.layout
+        settings = self.stages[stage]
+        scores = self.method.score(inputs)
+        if settings.reweight:
+            weights = self.strategy.prior.weights(layout.row, layout.col, layout.grid_h, layout.grid_w)
+            if self.strategy.prior.suppress_padding:
+                weights = weights * self._padding_weights(layout)
+            scores = scores * weights.to(scores.device)
+        weighted = scores  # (B, N)
+
+        prunable = layout.valid & layout.prunable  # (B, N)
+        candidates = inputs.candidates()  # (B, N)
         kept = layout.valid & ~layout.prunable  # never-prunable tokens stay
         n_slots = weighted.shape[1]
         slot = torch.arange(n_slots, device=weighted.device)
@@ -305,17 +414,24 @@ class Pruner:
         for image in range(images):
             in_image = candidates & (layout.image_index == image)  # (B, N)
             count = in_image.sum(dim=1)  # (B,)
-            largest = int(count.max())
-            if largest == 0:
+            original = (prunable & (layout.image_index == image)).sum(dim=1)  # (B,)
+            if int(count.max()) == 0:
                 continue
             budget = torch.tensor(
-                [strategy.budget(int(c)) if int(c) > 0 else 0 for c in count.tolist()], device=weighted.device
+                [settings.budget(int(n)) if int(n) > 0 else 0 for n in original.tolist()],
+                device=weighted.device,
             )
             if bool((budget > count).any()):
+                largest = int(count.max())
+                if stage == 0:
+                    raise ValueError(
+                        f"strategy.keep={settings.keep} is larger than the {largest} prunable image tokens "
+                        f"of an image; use keep <= {largest}, or strategy.ratio for a share of each image"
+                    )
                 raise ValueError(
-                    f"strategy.keep={strategy.keep} is larger than the {largest} prunable image tokens "
-                    f"of an image; "
-                    f"use keep <= {largest}, or strategy.ratio for a share of each image"
+                    f"pruning stage {stage} (before layer {settings.layer}) would keep "
+                    f"{int(budget.max())} tokens of an image that has {largest} left after the previous "
+                    f"stage; budgets must not grow from stage to stage"
                 )
             ranked = torch.where(in_image, weighted, torch.full_like(weighted, float("-inf")))
             # A stable descending sort breaks ties towards the earlier token, so the choice is reproducible.
@@ -326,7 +442,7 @@ class Pruner:
 
     def _padding_weights(self, layout: VisualLayout) -> torch.Tensor:
         """(B, N) 0 for tokens that lie mostly in the pad-to-square border, 1 elsewhere."""
-        sizes, self._image_sizes = self._image_sizes, None
+        sizes = self._image_sizes
         batch = layout.seq_index.shape[0]
         if sizes is None or len(sizes) != batch:
             raise ValueError(
@@ -346,61 +462,89 @@ class Pruner:
                 weights[b, tokens] = (fraction <= self.strategy.prior.pad_threshold).double()
         return weights
 
-    def _prune_prompt(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Drop the unselected image tokens from layer K's inputs; returns the kept hidden states."""
+    def _prune_prompt(self, stage: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Drop the unselected visual tokens from the stage layer's inputs; returns the kept hidden states."""
         prefill = self._prefill
-        layout = prefill.layout
-        batch, length = prefill.input_ids.shape
-        kept_visual, weighted = self._select(prefill)
+        if prefill.stage != stage:
+            raise RuntimeError(f"pruning stage {stage} ran before stage {prefill.stage}")
+        inputs = self._scoring_inputs(stage, prefill)
+        kept_visual, weighted = self._select(stage, inputs)
+        hidden = self.method.merge(inputs, hidden, kept_visual)
+        batch, length = prefill.current_padding.shape
 
-        # (B, L) which sequence positions survive: every non-visual token, and the kept visual ones.
-        dropped = layout.valid & ~kept_visual
+        # (B, L_cur) which current positions survive: every non-visual token, and the kept visual ones.
+        dropped = prefill.alive & ~kept_visual
         keep = torch.ones(batch, length + 1, dtype=torch.bool, device=hidden.device)
-        keep.scatter_(1, torch.where(dropped, layout.seq_index, length), False)
+        keep.scatter_(1, torch.where(dropped, prefill.position, length), False)
         keep = keep[:, :length]
         pruned_length = int(keep.sum(dim=1).max())
         # Kept positions in order, right-aligned; samples that keep fewer tokens are left-filled with dropped
         # positions that are masked out like left padding (only when images per sample differ).
         order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, length - pruned_length :]  # (B, L')
         slot_is_kept = keep.gather(1, order)  # (B, L')
-        pruned_padding = prefill.padding_mask.gather(1, order) & slot_is_kept  # (B, L')
+        pruned_padding = prefill.current_padding.gather(1, order) & slot_is_kept  # (B, L')
 
         pruned_hidden = _gather_sequence(hidden, order, seq_dim=1)  # (B, L', D)
-        cos, sin = kwargs["position_embeddings"]
+        # Later stages gather from what the previous stage handed its layers, not from the full sequence.
+        source = self._pruned_inputs if stage > 0 else None
+        cos, sin = source.position_embeddings if source is not None else kwargs["position_embeddings"]
         position_embeddings = (
             _gather_sequence(cos, order, seq_dim=cos.dim() - 2),
             _gather_sequence(sin, order, seq_dim=sin.dim() - 2),
         )
-        position_ids = kwargs.get("position_ids")
+        position_ids = source.position_ids if source is not None else kwargs.get("position_ids")
         if position_ids is not None and not self._uses_flash_attention():
             position_ids = _gather_sequence(position_ids, order, seq_dim=position_ids.dim() - 1)
         else:
             # FlashAttention reads non-contiguous position ids as packed sequences; the mask says it all.
             position_ids = None
         cache = kwargs.get("past_key_values")
+        layer = self.stages[stage].layer
         self._pruned_inputs = _PrunedLayerInputs(
-            self._pruned_mask(pruned_hidden, pruned_padding, cache), position_embeddings, position_ids
+            self._pruned_mask(pruned_hidden, pruned_padding, cache, layer), position_embeddings, position_ids
         )
-        self._sequence = _Sequence(length, pruned_padding, cache)
-        self._record(prefill, kept_visual, weighted)
+
+        # Where the surviving visual tokens now sit: their rank among the kept slots of the current sequence.
+        kept_count = keep.sum(dim=1, keepdim=True)  # (B, 1): sample b's kept tokens fill its last slots
+        new_position = torch.cumsum(keep.long(), dim=1) - 1 + (pruned_length - kept_count)  # (B, L_cur)
+        prefill.position = torch.where(kept_visual, new_position.gather(1, prefill.position), 0)
+        prefill.alive = kept_visual
+        prefill.origin = prefill.origin.gather(1, order)
+        prefill.current_padding = pruned_padding
+        prefill.stage_kept.append(kept_visual)
+        prefill.stage_scores.append(weighted)
+        prefill.stage = stage + 1
+        prefill.last_token_attention = prefill.text_attention = prefill.text_valid = None
+
+        if stage == 0:
+            self._sequence = _Sequence(prefill.input_ids.shape[1], [], cache)
+        self._sequence.stage_padding.append(pruned_padding)
+        if stage == len(self.stages) - 1:
+            self._record(prefill)
         return pruned_hidden
 
-    def _decoding_inputs(self, hidden: torch.Tensor, kwargs: dict) -> _PrunedLayerInputs:
-        """Mask for the pruned layers at a decoding step: pruned prompt mask + the new tokens' mask."""
+    def _decoding_inputs(self, stage: int, hidden: torch.Tensor, kwargs: dict) -> _PrunedLayerInputs:
+        """Mask for a stage's layers at a decoding step: its pruned prompt mask + the new tokens' mask."""
         sequence = self._sequence
+        layer = self.stages[stage].layer
+        prompt_padding = sequence.stage_padding[stage]
         cache = kwargs.get("past_key_values")
         full_mask = self._language_model_padding_mask
         if full_mask is None:
-            # Layer K has not cached this step's tokens yet: it will hold its past plus the new queries.
-            kv_length = cache.get_seq_length(self.strategy.layer) + hidden.shape[1]
-            new_tokens = kv_length - sequence.pruned_padding_mask.shape[1]
+            # The layer has not cached this step's tokens yet: it will hold its past plus the new queries.
+            kv_length = cache.get_seq_length(layer) + hidden.shape[1]
+            new_tokens = kv_length - prompt_padding.shape[1]
             new_mask = torch.ones(hidden.shape[0], new_tokens, dtype=torch.bool, device=hidden.device)
         else:
             new_mask = full_mask[:, sequence.prompt_length :].bool()
-        padding = torch.cat([sequence.pruned_padding_mask, new_mask], dim=1)
-        return _PrunedLayerInputs(self._pruned_mask(hidden, padding, cache), None, kwargs.get("position_ids"))
+        padding = torch.cat([prompt_padding, new_mask], dim=1)
+        return _PrunedLayerInputs(
+            self._pruned_mask(hidden, padding, cache, layer), None, kwargs.get("position_ids")
+        )
 
-    def _pruned_mask(self, hidden: torch.Tensor, padding: torch.Tensor, cache: Cache | None) -> Any:
+    def _pruned_mask(
+        self, hidden: torch.Tensor, padding: torch.Tensor, cache: Cache | None, layer: int
+    ) -> Any:
         """The causal + padding mask of the pruned layers, in the format of the model's attention backend."""
         return create_causal_mask(
             config=self.adapter.language_model().config,
@@ -408,25 +552,29 @@ class Pruner:
             attention_mask=padding,
             past_key_values=cache,
             position_ids=None,
-            layer_idx=self.strategy.layer,
+            layer_idx=layer,
         )
 
     def _uses_flash_attention(self) -> bool:
         return "flash" in (self.adapter.language_model().config._attn_implementation or "")
 
-    def _record(self, prefill: _Prefill, kept_visual: torch.Tensor, weighted: torch.Tensor) -> None:
+    def _record(self, prefill: _Prefill) -> None:
         layout = prefill.layout
-        layers, k = len(self.layers), self.strategy.layer
+        n_layers = len(self.layers)
         visual_before = layout.valid.sum(dim=1)  # (B,)
-        visual_after = (layout.valid & kept_visual).sum(dim=1)
         real_before = prefill.padding_mask.sum(dim=1)
-        real_after = real_before - (visual_before - visual_after)
-        below = torch.arange(layers, device=visual_before.device)[:, None] < k  # (layers, 1)
+        visual = visual_before.expand(n_layers, -1).clone()  # (layers, B)
+        for stage, kept in zip(self.stages, prefill.stage_kept, strict=True):
+            visual[stage.layer :] = (layout.valid & kept).sum(dim=1)
+        self._image_sizes = None
         self.last_record = PruningRecord(
-            layer=k,
+            layer=self.stages[0].layer,
             layout=layout,
-            kept=kept_visual,
-            scores=weighted,
-            visual_tokens=torch.where(below, visual_before, visual_after),
-            sequence_lengths=torch.where(below, real_before, real_after),
+            kept=prefill.stage_kept[-1],
+            scores=prefill.stage_scores[0],
+            visual_tokens=visual,
+            sequence_lengths=real_before - (visual_before - visual),
+            stage_layers=[stage.layer for stage in self.stages],
+            stage_kept=list(prefill.stage_kept),
+            stage_scores=list(prefill.stage_scores),
         )

@@ -13,26 +13,46 @@ from pore.adapters.base import VisualLayout
 class PruningRecord:
     """Filled by the engine at every prefill; read it from `Pruner.last_record` after `generate()`."""
 
-    layer: int  # pruning happened before this decoder layer
+    layer: int  # the first pruning happened before this decoder layer
     layout: VisualLayout  # the visual tokens of the prompt batch
-    kept: torch.Tensor  # (B, N) bool: visual token kept from `layer` on
-    scores: torch.Tensor  # (B, N) float64: method score times prior weight (what the top-k ranked)
+    kept: torch.Tensor  # (B, N) bool: visual tokens that reach the last layer (kept by every stage)
+    scores: torch.Tensor  # (B, N) float64: the first stage's method score times prior weight (ranked)
     visual_tokens: torch.Tensor  # (num_layers, B) long: visual tokens each decoder layer processes
     sequence_lengths: torch.Tensor  # (num_layers, B) long: real (non-padding) tokens each layer processes
+    stage_layers: list[int] = field(default_factory=list)  # per pruning stage: the layer it pruned before
+    stage_kept: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) bool: kept from there on
+    stage_scores: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) float64: ranked scores
     _kept_raster: list[list[list[int]]] | None = field(default=None, repr=False)
 
     @property
     def kept_raster(self) -> list[list[list[int]]]:
-        """Per sample, per image: sorted raster indices (row * W + col) of the grid tokens kept."""
+        """Per sample, per image: sorted indices of the grid tokens kept, counted among the image's prunable
+        tokens in sequence order.
+
+        For a single raster-ordered grid (LLaVA-1.5, Qwen2-VL) this is the raster index row * W + col; for
+        images made of several grids (LLaVA-NeXT: base image, then the high-resolution grid without its
+        row separators) it counts through the grids in the order the model reads them.
+        """
         if self._kept_raster is None:
             layout = self.layout
-            kept = (self.kept & layout.valid & layout.prunable).cpu()
-            image, raster = layout.image_index.cpu(), layout.raster.cpu()
-            in_grid = (layout.valid & layout.prunable).cpu()
+            in_grid = (layout.valid & layout.prunable).cpu()  # (B, N)
+            kept = (self.kept.cpu() & in_grid).tolist()
+            image = layout.image_index.cpu().tolist()
+            in_grid = in_grid.tolist()
             result = []
-            for b in range(kept.shape[0]):
-                images = int(image[b][in_grid[b]].max()) + 1 if bool(in_grid[b].any()) else 0
-                result.append([sorted(raster[b][kept[b] & (image[b] == i)].tolist()) for i in range(images)])
+            for b in range(len(kept)):
+                per_image: dict[int, list[int]] = {}
+                ordinal: dict[int, int] = {}
+                for n, is_grid in enumerate(in_grid[b]):  # slots are in sequence order
+                    if not is_grid:
+                        continue
+                    i = image[b][n]
+                    index = ordinal.get(i, 0)
+                    ordinal[i] = index + 1
+                    chosen = per_image.setdefault(i, [])
+                    if kept[b][n]:
+                        chosen.append(index)
+                result.append([per_image.get(i, []) for i in range(max(per_image, default=-1) + 1)])
             self._kept_raster = result
         return self._kept_raster
 
@@ -43,5 +63,5 @@ class PruningRecord:
 
     @property
     def visual_tokens_after(self) -> torch.Tensor:
-        """(B,) visual tokens each sample kept from the pruning layer on."""
-        return self.visual_tokens[self.layer]
+        """(B,) visual tokens each sample kept to the last layer."""
+        return self.visual_tokens[-1]

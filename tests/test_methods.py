@@ -1,0 +1,342 @@
+"""The pruning methods beyond FastV, each against a hand-checkable case or an independent reference.
+
+PyramidDrop (several stages), SparseVLM-style raters (and token recycling), FasterVLM ([CLS] attention) and
+spatial pooling, in the real tiny LLaVA; references use eager attention weights and plain indexing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from conftest import GRID, IMAGE_TOKEN, TOKENS_PER_IMAGE, build_tiny_llava, left_pad, make_prompt, pixels
+from pore import Pruner, build_strategy
+from pore.adapters import VisualLayout
+from pore.methods import METHODS, ScoringInputs
+from pore.methods.pool import window_grid, window_of_cells
+from reference import merged_embeddings, reference_kept_raster
+
+PROMPTS = [
+    make_prompt([1, 5, 6], 1, [7, 8, 9, 10]),
+    make_prompt([1, 11], 1, [12, 13, 14, 15, 16, 17]),
+]
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def single(prompt: list[int]) -> torch.Tensor:
+    return torch.tensor([prompt])
+
+
+def image_positions(input_ids: torch.Tensor) -> list[int]:
+    return (input_ids[0] == IMAGE_TOKEN).nonzero().flatten().tolist()
+
+
+def kept_positions(input_ids: torch.Tensor, raster: list[int]) -> list[int]:
+    """Prompt positions that survive when one image keeps the grid tokens `raster`."""
+    images = image_positions(input_ids)
+    dropped = set(images) - {images[r] for r in raster}
+    return [i for i in range(input_ids.shape[1]) if i not in dropped]
+
+
+def staged_reference_logits(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    stages: list[tuple[int, list[int], Transform | None]],
+) -> torch.Tensor:
+    """Logits of one unpadded sample run layer by layer; before each stage's layer only the prompt
+    positions it lists stay (they keep their RoPE positions), after an optional transform of the hidden
+    states."""
+    language_model = model.model.language_model
+    with torch.no_grad():
+        hidden = merged_embeddings(model, input_ids, pixel_values)
+        positions = torch.arange(input_ids.shape[1])
+        cos, sin = language_model.rotary_emb(hidden, positions[None])
+        mask = create_causal_mask(language_model.config, hidden, None, None, positions[None])
+        by_layer = {layer: (kept, transform) for layer, kept, transform in stages}
+        for index, decoder_layer in enumerate(language_model.layers):
+            if index in by_layer:
+                kept, transform = by_layer[index]
+                if transform is not None:
+                    hidden = transform(hidden)
+                select = torch.tensor([i for i, p in enumerate(positions.tolist()) if p in set(kept)])
+                hidden, cos, sin, positions = (
+                    hidden[:, select],
+                    cos[:, select],
+                    sin[:, select],
+                    positions[select],
+                )
+                mask = create_causal_mask(language_model.config, hidden, None, None, None)
+            hidden = decoder_layer(
+                hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions[None]
+            )
+        return model.lm_head(language_model.norm(hidden))
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, ties to the earlier index, sorted."""
+    ranking = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(ranking[:k])
+
+
+# ---------------------------------------------------------------------------------------- PyramidDrop
+
+
+def test_pdrop_stages_follow_the_attention_of_the_shortened_sequence() -> None:
+    """Stage 1 = FastV at layer 1; stage 2 ranks the survivors by layer 2's attention over the shortened
+    sequence, read from an eager forward of the model pruned by stage 1 alone."""
+    model = build_tiny_llava("eager")
+    input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
+    strategy = build_strategy("pdrop", layer=[1, 3], ratio=[0.5, 0.25])
+    with torch.no_grad(), Pruner(model, strategy) as pruner:
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+    record = pruner.last_record
+    stage_raster = [
+        sorted(((kept & record.layout.valid)[0].nonzero().flatten()).tolist()) for kept in record.stage_kept
+    ]
+    first = reference_kept_raster(model, input_ids, pixel_values, 1, 18, torch.ones(TOKENS_PER_IMAGE))[0]
+    assert stage_raster[0] == first and len(stage_raster[1]) == 9
+
+    with torch.no_grad(), Pruner(model, build_strategy("fastv", layer=1, keep=18)):
+        out = model(input_ids=input_ids, pixel_values=pixel_values, output_attentions=True)
+    last_row = out.attentions[2][0, :, -1, :].mean(dim=0).double()  # over the stage-1 sequence
+    survivors = kept_positions(input_ids, first)
+    images = image_positions(input_ids)
+    slot_of_raster = {r: survivors.index(images[r]) for r in first}
+    chosen = top_k(torch.stack([last_row[slot_of_raster[r]] for r in first]), 9)
+    assert stage_raster[1] == [first[i] for i in chosen]
+    assert record.kept_raster == [[stage_raster[1]]]
+    assert record.stage_layers == [1, 3]
+    assert record.visual_tokens[:, 0].tolist() == [36, 18, 18, 9]
+
+    reference = staged_reference_logits(
+        model,
+        input_ids,
+        pixel_values,
+        [(1, kept_positions(input_ids, first), None), (3, kept_positions(input_ids, stage_raster[1]), None)],
+    )
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pdrop_keeping_everything_equals_the_untouched_model(attn: str) -> None:
+    model = build_tiny_llava(attn)
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        untouched = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(2)).logits
+        with Pruner(model, build_strategy("pore_pdrop_linear", layer=[1, 2, 3], ratio=1.0)):
+            pruned = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(2)).logits
+    torch.testing.assert_close(pruned, untouched, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["pore_pdrop_linear", "sparsevlm", "fastervlm", "pool_average"])
+def test_padded_batch_equals_single_samples(method: str) -> None:
+    model = build_tiny_llava()
+    strategy = (
+        build_strategy(method, layer=[1, 3], ratio=[0.5, 0.25])
+        if "pdrop" in method
+        else (build_strategy(method, keep=9, layer=2))
+    )
+    ids, mask = left_pad(PROMPTS)
+    images = pixels(2)
+    with torch.no_grad(), Pruner(model, strategy) as pruner:
+        batch = model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=5, do_sample=False
+        )[:, ids.shape[1] :]
+        batch_kept = pruner.last_record.kept_raster
+        for b, prompt in enumerate(PROMPTS):
+            alone = model.generate(
+                input_ids=single(prompt), pixel_values=images[b : b + 1], max_new_tokens=5, do_sample=False
+            )[:, len(prompt) :]
+            assert pruner.last_record.kept_raster == [batch_kept[b]]
+            assert alone[0].tolist() == batch[b].tolist()
+
+
+def test_pdrop_cached_generation_equals_recomputing_without_cache() -> None:
+    model = build_tiny_llava()
+    input_ids, pixel_values = single(PROMPTS[1]), pixels(1, seed=3)
+    new_tokens = 6
+    with (
+        torch.no_grad(),
+        Pruner(model, build_strategy("pore_pdrop_exponential", layer=[1, 3], ratio=[0.5, 0.25])) as pruner,
+    ):
+        cached = model.generate(
+            input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=new_tokens, do_sample=False
+        )[0, input_ids.shape[1] :].tolist()
+    record = pruner.last_record
+    stage_raster = [
+        sorted((kept & record.layout.valid)[0].nonzero().flatten().tolist()) for kept in record.stage_kept
+    ]
+    sequence, recomputed = input_ids, []
+    for _ in range(new_tokens):
+        new = list(range(input_ids.shape[1], sequence.shape[1]))
+        stages = [
+            (layer, kept_positions(input_ids, raster) + new, None)
+            for layer, raster in zip([1, 3], stage_raster, strict=True)
+        ]
+        token = int(staged_reference_logits(model, sequence, pixel_values, stages)[0, -1].argmax())
+        recomputed.append(token)
+        sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+    assert cached == recomputed
+
+
+def test_growing_stage_budgets_are_refused() -> None:
+    model = build_tiny_llava()
+    with (
+        Pruner(model, build_strategy("pdrop", layer=[1, 2], keep=[4, 8], ratio=None)),
+        pytest.raises(ValueError, match="budgets must not grow from stage to stage"),
+    ):
+        model(input_ids=single(PROMPTS[0]), pixel_values=pixels(1))
+
+
+# ---------------------------------------------------------------------------------------- SparseVLM
+
+
+def test_sparsevlm_raters_score_the_image_tokens() -> None:
+    """Raters = text tokens whose mean attention to the image is at least the mean over text tokens; the
+    score of an image token = the raters' mean attention to it (eager attention weights of layer K-1)."""
+    model = build_tiny_llava("eager")
+    input_ids, pixel_values = single(PROMPTS[1]), pixels(1, seed=1)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=pixel_values, output_attentions=True)
+    attention = out.attentions[1][0].mean(dim=0).double()  # (L, L), layer K-1 = 1, mean over heads
+    images = image_positions(input_ids)
+    text = [i for i in range(input_ids.shape[1]) if i not in set(images)]
+    to_image = attention[text][:, images]  # (Q, 36)
+    relevance = to_image.mean(dim=1)
+    raters = relevance >= relevance.mean()
+    expected = top_k(to_image[raters].mean(dim=0), 9)
+    with torch.no_grad(), Pruner(model, build_strategy("sparsevlm", layer=2, keep=9)) as pruner:
+        model(input_ids=input_ids, pixel_values=pixel_values)
+    assert pruner.last_record.kept_raster == [[expected]]
+    # Prefix tokens cannot see the image (causal): they rate nothing and never pass the rule.
+    assert not bool(raters[0])
+
+
+def test_sparsevlm_merge_averages_dropped_tokens_into_the_most_similar_kept_one() -> None:
+    """Kept tokens 0, 2; dropped 1 (closest to 0), 3 (closest to 2): 0 <- mean(h0, h1), 2 <- mean(h2, h3)."""
+    hidden = torch.tensor(
+        [[[9.0, 9.0], [1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0], [5.0, 5.0]]]
+    )  # (1, 6, 2): position 0 is text, 1..4 are visual, 5 is text
+    n = 4
+    layout = VisualLayout(
+        seq_index=torch.tensor([[1, 2, 3, 4]]),
+        image_index=torch.zeros(1, n, dtype=torch.long),
+        row=torch.tensor([[0, 0, 1, 1]]),
+        col=torch.tensor([[0, 1, 0, 1]]),
+        grid_h=torch.full((1, n), 2),
+        grid_w=torch.full((1, n), 2),
+        valid=torch.ones(1, n, dtype=torch.bool),
+        prunable=torch.ones(1, n, dtype=torch.bool),
+    )
+    inputs = ScoringInputs(
+        layout, torch.ones(1, n, dtype=torch.bool), torch.zeros(1, 6), torch.ones(1, 6), budget=lambda _: 2
+    )
+    kept = torch.tensor([[True, False, True, False]])
+    merged = METHODS.get("sparsevlm")(merge=True).merge(inputs, hidden, kept)
+    expected = hidden.clone()
+    expected[0, 1] = (hidden[0, 1] + hidden[0, 2]) / 2
+    expected[0, 3] = (hidden[0, 3] + hidden[0, 4]) / 2
+    torch.testing.assert_close(merged, expected)
+    assert METHODS.get("sparsevlm")(merge=False).merge(inputs, hidden, kept) is hidden
+
+
+def test_sparsevlm_merge_changes_the_kept_tokens_not_the_choice() -> None:
+    model = build_tiny_llava()
+    input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
+    results = {}
+    for merge in (False, True):
+        with (
+            torch.no_grad(),
+            Pruner(model, build_strategy("sparsevlm", keep=6, options={"merge": merge})) as p,
+        ):
+            results[merge] = (
+                model(input_ids=input_ids, pixel_values=pixel_values).logits,
+                p.last_record.kept_raster,
+            )
+    assert results[True][1] == results[False][1]
+    assert not torch.allclose(results[True][0], results[False][0])
+
+
+# ---------------------------------------------------------------------------------------- FasterVLM
+
+
+def test_fastervlm_ranks_by_the_vision_cls_attention() -> None:
+    model = build_tiny_llava()
+    input_ids, pixel_values = single(PROMPTS[0]), pixels(1, seed=2)
+    with torch.no_grad(), Pruner(model, build_strategy("fastervlm", keep=8)) as pruner:
+        model(input_ids=input_ids, pixel_values=pixel_values)
+    assert model.config.vision_config._attn_implementation == "sdpa"  # restored on detach
+    model.set_attn_implementation({"vision_config": "eager"})
+    with torch.no_grad():
+        vision = model.model.vision_tower(pixel_values, output_attentions=True)
+    # vision_feature_layer -2 of 2 encoder layers: the features come out of layer 0, scored by its attention.
+    cls_row = vision.attentions[0][0, :, 0, 1:].mean(dim=0)  # (36,) [CLS] -> patches, mean over heads
+    assert pruner.last_record.kept_raster == [[top_k(cls_row, 8)]]
+
+
+def test_fastervlm_keeps_the_same_tokens_whatever_the_text() -> None:
+    """No language-model attention is involved: the choice depends on the image alone."""
+    model = build_tiny_llava()
+    pixel_values = pixels(1, seed=4)
+    chosen = []
+    for prompt in PROMPTS:
+        with torch.no_grad(), Pruner(model, build_strategy("fastervlm", keep=8)) as pruner:
+            model(input_ids=single(prompt), pixel_values=pixel_values)
+        chosen.append(pruner.last_record.kept_raster)
+    assert chosen[0] == chosen[1]
+
+
+# ---------------------------------------------------------------------------------------- pooling
+
+
+def test_window_grids_by_hand() -> None:
+    assert window_grid(24, 24, 64) == (8, 8)
+    assert window_grid(24, 24, 144) == (12, 12)
+    assert window_grid(6, 6, 9) == (3, 3)
+    window, centres = window_of_cells(6, 6, 4)  # 3 x 3 windows: centres at rows/cols 1 and 4
+    assert centres.tolist() == [1 * 6 + 1, 1 * 6 + 4, 4 * 6 + 1, 4 * 6 + 4]
+    assert window.view(6, 6)[:3, :3].unique().tolist() == [0] and window.view(6, 6)[
+        3:, 3:
+    ].unique().tolist() == [3]
+
+
+@pytest.mark.parametrize("strategy", ["pool", "pool_average"])
+def test_pool_keeps_the_window_centres(strategy: str) -> None:
+    model = build_tiny_llava()
+    for keep, expected in ((9, [0, 2, 4, 12, 14, 16, 24, 26, 28]), (4, [7, 10, 25, 28])):
+        # The prior does not change the choice: every window keeps its own centre.
+        with (
+            torch.no_grad(),
+            Pruner(model, build_strategy(strategy, keep=keep, prior={"name": "linear"})) as p,
+        ):
+            model(input_ids=single(PROMPTS[0]), pixel_values=pixels(1))
+        assert p.last_record.kept_raster == [[expected]]
+
+
+def test_pool_average_carries_the_mean_of_each_window() -> None:
+    model = build_tiny_llava()
+    input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
+    layer, centres = 2, [7, 10, 25, 28]
+    with torch.no_grad(), Pruner(model, build_strategy("pool_average", keep=4, layer=layer)):
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+    images = image_positions(input_ids)
+    rows, cols = torch.arange(TOKENS_PER_IMAGE) // GRID, torch.arange(TOKENS_PER_IMAGE) % GRID
+    window = (rows // 3) * 2 + cols // 3  # 3 x 3 windows of the 6 x 6 grid
+
+    def average(hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.clone()
+        original = hidden.clone()
+        for w, centre in enumerate(centres):
+            members = [images[r] for r in range(TOKENS_PER_IMAGE) if int(window[r]) == w]
+            hidden[0, images[centre]] = original[0, members].mean(dim=0)
+        return hidden
+
+    reference = staged_reference_logits(
+        model, input_ids, pixel_values, [(layer, kept_positions(input_ids, centres), average)]
+    )
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
