@@ -340,3 +340,58 @@ def test_pool_average_carries_the_mean_of_each_window() -> None:
         model, input_ids, pixel_values, [(layer, kept_positions(input_ids, centres), average)]
     )
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- before the LLM
+
+
+@pytest.mark.parametrize("strategy", ["pool_average", "fastervlm"])
+def test_pruning_before_the_language_model_generates_like_the_shortened_prompt(strategy: str) -> None:
+    """K = 0: no decoder layer sees the dropped tokens; cached generation == recomputing by hand, with the
+    kept tokens at their original positions and new tokens after the full prompt."""
+    model = build_tiny_llava()
+    input_ids, pixel_values = single(PROMPTS[0]), pixels(1, seed=5)
+    new_tokens = 5
+    with torch.no_grad(), Pruner(model, build_strategy(strategy, keep=4)) as pruner:
+        out = model.generate(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
+    cached = out.sequences[0, input_ids.shape[1] :].tolist()
+    kept_raster = pruner.last_record.kept_raster[0][0]
+    assert pruner.last_record.visual_tokens[:, 0].tolist() == [4] * 4
+    length = input_ids.shape[1] + new_tokens - 1
+    assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [length - 32] * 4
+    if strategy == "pool_average":
+        assert kept_raster == [7, 10, 25, 28]
+    images = image_positions(input_ids)
+    window = (torch.arange(TOKENS_PER_IMAGE) // GRID // 3) * 2 + torch.arange(TOKENS_PER_IMAGE) % GRID // 3
+
+    def average(hidden: torch.Tensor) -> torch.Tensor:
+        if strategy != "pool_average":
+            return hidden
+        pooled = hidden.clone()
+        for w, centre in enumerate(kept_raster):
+            members = [images[r] for r in range(TOKENS_PER_IMAGE) if int(window[r]) == w]
+            pooled[0, images[centre]] = hidden[0, members].mean(dim=0)
+        return pooled
+
+    sequence, recomputed = input_ids, []
+    for _ in range(new_tokens):
+        kept = kept_positions(input_ids, kept_raster) + list(range(input_ids.shape[1], sequence.shape[1]))
+        logits = staged_reference_logits(model, sequence, pixel_values, [(0, kept, average)])
+        token = int(logits[0, -1].argmax())
+        recomputed.append(token)
+        sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+    assert cached == recomputed
+
+
+def test_only_methods_without_language_model_attention_prune_before_layer_1() -> None:
+    build_strategy("pool", layer=0).validate(num_layers=32)
+    with pytest.raises(ValueError, match=r"layer must be in \[1, 31\].*scored in layer K-1"):
+        build_strategy("fastv", layer=0).validate(num_layers=32)
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 31\]"):
+        build_strategy("pool", layer=-1).validate(num_layers=32)

@@ -143,10 +143,18 @@ class Strategy:
                 raise ValueError(f"strategy.keep must be a positive integer, got {stage.keep}")
             if stage.keep is None and not 0.0 < stage.ratio <= 1.0:  # also rejects NaN
                 raise ValueError(f"strategy.ratio must be in (0, 1], got {stage.ratio}")
-            if num_layers is not None and not 1 <= stage.layer < num_layers:
+            # Methods scored by the language model's attention read it in layer K-1, so K >= 1; the others
+            # may prune before the first layer (K = 0: the language model never sees the dropped tokens).
+            lowest = 1 if method.attention_queries is not None else 0
+            if num_layers is not None and not lowest <= stage.layer < num_layers:
+                reason = (
+                    "pruning happens before layer K and is scored in layer K-1"
+                    if lowest
+                    else "pruning happens before layer K"
+                )
                 raise ValueError(
-                    f"strategy.layer must be in [1, {num_layers - 1}] for this {num_layers}-layer language "
-                    f"model (pruning happens before layer K and is scored in layer K-1), got {stage.layer}"
+                    f"strategy.layer must be in [{lowest}, {num_layers - 1}] for this {num_layers}-layer "
+                    f"language model ({reason}), got {stage.layer}"
                 )
         return self
 
@@ -189,9 +197,12 @@ EXPONENTIAL = PriorConfig("exponential", params={"sigma": 0.95})
 PDROP = {"layer": (8, 16, 24), "ratio": (0.5, 0.25, 0.125)}
 STRATEGIES.add("pdrop", Strategy(name="pdrop", method="pdrop", **PDROP))
 STRATEGIES.add("sparsevlm", Strategy(name="sparsevlm", method="sparsevlm"))
-STRATEGIES.add("fastervlm", Strategy(name="fastervlm", method="fastervlm"))
-STRATEGIES.add("pool", Strategy(name="pool", method="pool"))
-STRATEGIES.add("pool_average", Strategy(name="pool_average", method="pool", options={"mode": "average"}))
+# FasterVLM and pooling decide from the image alone, so they prune before the language model, as published.
+STRATEGIES.add("fastervlm", Strategy(name="fastervlm", method="fastervlm", layer=0))
+STRATEGIES.add("pool", Strategy(name="pool", method="pool", layer=0))
+STRATEGIES.add(
+    "pool_average", Strategy(name="pool_average", method="pool", layer=0, options={"mode": "average"})
+)
 for _method, _settings in (("pdrop", PDROP), ("sparsevlm", {})):
     for _form, _prior in (("linear", LINEAR), ("exponential", EXPONENTIAL)):
         _name = f"pore_{_method}_{_form}"

@@ -3,7 +3,8 @@
 The [CLS] query of the encoder layer that produces the LLM's image features attends to every patch; its
 attention (mean over heads) says which patches the encoder found important. No language-model attention is
 involved, so there is no recency bias to correct: the control that tells how much of PoRe's gain is the bias.
-The engine still prunes before decoder layer K (`strategy.layer`, K >= 1).
+The predefined strategy prunes before the language model (K = 0), as published; `strategy.layer=2` compares
+it with FastV at the same cost.
 """
 
 from __future__ import annotations
