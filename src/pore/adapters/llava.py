@@ -21,6 +21,7 @@ def llava_grid_shape(config) -> tuple[int, int]:
 @ADAPTERS.register("llava")
 class LlavaAdapter(ModelAdapter):
     name = "llava"
+    pads_to_square = True  # the llava-hf processor pads to a square (`do_pad`, LLaVA's expand2square)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -11,7 +11,7 @@ token, the one at its centre:
 
 If no factorisation fits the grid (k > H or W for a prime k), the k tokens are spread evenly in raster
 order instead. Images made of several grids (LLaVA-NeXT's base image and high-resolution grid) share the
-budget in proportion to their token counts. The prior has no effect on the choice (every window keeps its
+budget in proportion to their token counts (grids told apart by `VisualLayout.part`). The prior has no effect on the choice (every window keeps its
 own token).
 """
 
@@ -86,7 +86,7 @@ class SpatialPool(PruningMethod):
         layout = inputs.layout
         candidates = inputs.candidates().cpu()
         image, rows, cols = layout.image_index.cpu(), layout.row.cpu(), layout.col.cpu()
-        grid_h, grid_w = layout.grid_h.cpu(), layout.grid_w.cpu()
+        grid_h, grid_w, part = layout.grid_h.cpu(), layout.grid_w.cpu(), layout.grid_part.cpu()
         prunable = (layout.valid & layout.prunable).cpu()
         window = torch.full(layout.seq_index.shape, -1, dtype=torch.long)
         centre = torch.zeros(layout.seq_index.shape, dtype=torch.bool)
@@ -94,13 +94,12 @@ class SpatialPool(PruningMethod):
             next_window = 0
             for i in image[b][prunable[b]].unique().tolist():
                 in_image = prunable[b] & (image[b] == i)
-                shapes = sorted(
-                    {(int(h), int(w)) for h, w in zip(grid_h[b][in_image], grid_w[b][in_image], strict=True)}
-                )
-                sizes = [int((in_image & (grid_h[b] == h) & (grid_w[b] == w)).sum()) for h, w in shapes]
+                parts = part[b][in_image].unique().tolist()
+                sizes = [int((in_image & (part[b] == p)).sum()) for p in parts]
                 budgets = split_budget(inputs.budget(int(in_image.sum())), sizes)
-                for (h, w), part_budget in zip(shapes, budgets, strict=True):
-                    tokens = (in_image & (grid_h[b] == h) & (grid_w[b] == w)).nonzero()[:, 0]  # slots
+                for p, part_budget in zip(parts, budgets, strict=True):
+                    tokens = (in_image & (part[b] == p)).nonzero()[:, 0]  # slots of this grid
+                    h, w = int(grid_h[b, tokens[0]]), int(grid_w[b, tokens[0]])
                     cell_window, centres = window_of_cells(h, w, min(part_budget, h * w))
                     raster = rows[b, tokens] * w + cols[b, tokens]
                     window[b, tokens] = torch.where(

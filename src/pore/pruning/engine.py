@@ -116,6 +116,11 @@ class Pruner:
         self.strategy = strategy.validate(num_layers=len(self.layers))
         self.stages = strategy.stages()
         self.method = METHODS.get(strategy.method)(seed=strategy.seed, **strategy.options)
+        if strategy.prior.suppress_padding and not self.adapter.pads_to_square:
+            raise ValueError(
+                f"prior.suppress_padding drops tokens of the pad-to-square border, but {self.adapter.name} "
+                f"models do not pad images to a square; set strategy.prior.suppress_padding=false"
+            )
         self.last_record: PruningRecord | None = None
         self._image_sizes: list[list[tuple[int, int]]] | None = None
         self._handles: list[Any] = []
