@@ -11,8 +11,8 @@ token, the one at its centre:
 
 If no factorisation fits the grid (k > H or W for a prime k), the k tokens are spread evenly in raster
 order instead. Images made of several grids (LLaVA-NeXT's base image and high-resolution grid) share the
-budget in proportion to their token counts (grids told apart by `VisualLayout.part`). The prior has no effect on the choice (every window keeps its
-own token).
+budget in proportion to their token counts (grids told apart by `VisualLayout.part`). The prior has no
+effect on the choice (every window keeps its own token).
 """
 
 from __future__ import annotations
