@@ -93,11 +93,20 @@ def load_model_and_processor(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
             f"model.path {path!r} is not a local checkpoint folder nor a hub id (owner/name); "
             "the embedded model lives in the repository's assets/ folder (or set PORE_ASSETS)"
         )
+    # Processor settings of the model config (e.g. Qwen's min_pixels / max_pixels); null = the checkpoint's.
+    processor_options = {
+        key: value for key, value in (_plain(cfg.model.get("processor")) or {}).items() if value is not None
+    }
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, **processor_options)
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=model_dtype(cfg), attn_implementation=str(cfg.model.attn_implementation)
         )
+    except ImportError as error:
+        raise ImportError(
+            f"cannot build the processor of {path!r}: {error}. Qwen2-VL processors need torchvision in "
+            "transformers 5: pip install -e '.[qwen]'"
+        ) from error
     except OSError as error:
         raise FileNotFoundError(
             f"cannot load model.path {path!r}: {error}. Without network access, point model.path at a local "

@@ -156,19 +156,20 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def vocabulary(words: Iterable[str]) -> list[str]:
+def vocabulary(words: Iterable[str], special_tokens: Sequence[str] = SPECIAL_TOKENS) -> list[str]:
     """The word-level vocabulary for `words`: the special tokens, then the sorted distinct pieces.
 
     Each entry is normalised and split exactly like the tokenizer does, so phrases ("option's letter") give
     the pieces the tokenizer will look up ("option", "'", "s", "letter"). Sorting makes the ids independent
-    of the order (or set-ness) of `words`.
+    of the order (or set-ness) of `words`. `special_tokens` take the first ids, in their order (another
+    model family, e.g. `pore.tiny_qwen`, brings its own).
     """
     normalizer, pre_tokenizer = _normalizer(), _pre_tokenizer()
     pieces: set[str] = set()
     for entry in (*words, *ROLE_WORDS):
         text = normalizer.normalize_str(entry)
         pieces.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(text))
-    return [*SPECIAL_TOKENS, *sorted(pieces - set(SPECIAL_TOKENS))]
+    return [*special_tokens, *sorted(pieces - set(special_tokens))]
 
 
 def build_tokenizer(

@@ -1,0 +1,186 @@
+"""Qwen2-VL and Qwen2.5-VL: one dynamic grid of image tokens per image, sized by `image_grid_thw`.
+
+Both families share this adapter (their language models, M-RoPE and prompt layout are the same; they differ
+in the vision tower, which the pruner never touches).
+
+Where the image tokens are: every `<|image_pad|>` (`config.image_token_id`) of `input_ids`; the processor
+writes one per merged patch, between `<|vision_start|>` and `<|vision_end|>` (those two stay as text).
+
+Where each sits: `image_grid_thw` holds one row (t, h, w) per image, in patches, for the whole batch in order
+(the first sample's images first, each sample's in prompt order), which is the order in which the model
+scatters the image features into the image tokens. The vision tower merges `spatial_merge_size` x
+`spatial_merge_size` patches into one token, so the language model sees a (h / m) x (w / m) grid per frame,
+in raster order (the same order `get_rope_index` gives them their (row, col) M-RoPE positions). Images have
+t = 1. Should an image have t > 1 frames, its tokens are frame after frame: row and col are counted inside
+each frame (so a row prior treats every frame alike) and all frames share one `image_index` (one budget per
+image). Images of different sizes give different grids, in one prompt and across a batch.
+
+Video tokens (`<|video_pad|>`) are not in the layout: they are never scored, never pruned and count as text.
+
+M-RoPE: the language model turns the (3, B, L) position ids into one (cos, sin) pair of shape (B, L, head_dim)
+(time / height / width sections already interleaved) and hands every decoder layer that pair plus the 1-D
+text positions (B, L) (or None outside `generate`). The engine gathers both along the sequence like any
+RoPE model, so kept tokens keep their original 3-D positions. At decoding steps the new tokens' positions
+come from the model itself (`generate`'s running position ids, or the cache length of layer 0, which holds
+every token, plus the `rope_deltas` kept on the model from the prefill), so pruning never shifts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from pore.adapters.base import ADAPTERS, ModelAdapter, VisualLayout
+
+QWEN_VL_CLASSES: tuple[str, ...] = (
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2VLModel",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2_5_VLModel",
+)
+
+
+@ADAPTERS.register("qwen2_vl")
+class Qwen2VLAdapter(ModelAdapter):
+    """Qwen2-VL and Qwen2.5-VL (`Qwen/Qwen2-VL-*-Instruct`, `Qwen/Qwen2.5-VL-*-Instruct`)."""
+
+    name = "qwen2_vl"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in QWEN_VL_CLASSES
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        config = model.config
+        self.image_token_id: int = config.image_token_id
+        self.merge: int = config.vision_config.spatial_merge_size
+
+    def multimodal_module(self) -> nn.Module:
+        return self.model.model if hasattr(self.model, "lm_head") else self.model
+
+    def language_model(self) -> nn.Module:
+        return self.multimodal_module().language_model
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.image_token_id
+
+    def visual_layout(
+        self, input_ids: torch.Tensor, image_inputs: Mapping[str, Any] | None = None
+    ) -> VisualLayout:
+        device = input_ids.device
+        is_image = self.visual_token_mask(input_ids)  # (B, L)
+        counts = is_image.sum(dim=1)  # (B,)
+        batch = input_ids.shape[0]
+        n = int(counts.max()) if counts.numel() else 0
+        # Sequence positions of the image tokens, left-aligned per sample; padding slots point at position 0.
+        order = torch.argsort((~is_image).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, N)
+        slot = torch.arange(n, device=device).expand(batch, n)  # (B, N)
+        valid = slot < counts[:, None]
+        seq_index = torch.where(valid, order, torch.zeros_like(order))
+        if n == 0:
+            empty = torch.zeros_like(seq_index)
+            return VisualLayout(seq_index, empty, empty, empty, empty, empty, valid, valid)
+
+        inputs = image_inputs or {}
+        grid_thw, position_ids = inputs.get("image_grid_thw"), inputs.get("position_ids")
+        if grid_thw is not None:
+            image, row, col, grid_h, grid_w = self._place_by_grid(counts, slot, valid, grid_thw)
+        elif position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
+            # transformers >= 5.23's generate() encodes the images before the prefill and no longer hands
+            # image_grid_thw to the forward; the 3-D M-RoPE positions it hands instead hold the same grid.
+            image, row, col, grid_h, grid_w = self._place_by_positions(
+                is_image, seq_index, valid, position_ids
+            )
+        else:
+            raise ValueError(
+                "Qwen2-VL prompts with image tokens need image_grid_thw (one (t, h, w) row per image) or the "
+                "model's 3-D position ids to place them; pass the processor's output to the model unchanged"
+            )
+        zeros = torch.zeros_like(seq_index)
+        return VisualLayout(
+            seq_index=seq_index,
+            image_index=torch.where(valid, image, zeros),
+            row=torch.where(valid, row, zeros),
+            col=torch.where(valid, col, zeros),
+            grid_h=torch.where(valid, grid_h, zeros),
+            grid_w=torch.where(valid, grid_w, zeros),
+            valid=valid,
+            prunable=valid.clone(),
+        )
+
+    def _place_by_grid(
+        self, counts: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, grid_thw: Any
+    ) -> tuple[torch.Tensor, ...]:
+        """(image_index, row, col, grid_h, grid_w), each (B, N), from image_grid_thw (I, 3)."""
+        grid_thw = torch.as_tensor(grid_thw, device=slot.device).long().reshape(-1, 3)  # (I, 3)
+        frames = grid_thw[:, 0]  # (I,)
+        rows_per_image = grid_thw[:, 1] // self.merge  # (I,) grid height in language-model tokens
+        cols_per_image = grid_thw[:, 2] // self.merge  # (I,)
+        per_frame = rows_per_image * cols_per_image  # (I,)
+        ends = torch.cumsum(frames * per_frame, dim=0)  # (I,) end of each image in the batch's token stream
+        starts = ends - frames * per_frame
+
+        # The model fills the image tokens of the whole batch, sample after sample, with the images' features
+        # in image_grid_thw order: token `slot` of sample b is token offset[b] + slot of that stream.
+        offset = torch.cumsum(counts, dim=0) - counts  # (B,)
+        self._check_alignment(counts, offset, starts, ends)
+        stream = torch.where(valid, offset[:, None] + slot, torch.zeros_like(slot))  # (B, N)
+        image = torch.searchsorted(ends, stream, right=True).clamp(max=len(ends) - 1)  # (B, N) global image
+        first_image = torch.searchsorted(ends, offset, right=True)  # (B,) global index of each sample's first
+        within = stream - starts[image]  # (B, N) index inside the image's tokens, frame after frame
+        in_frame = within % per_frame[image]
+        width = cols_per_image[image]
+        return image - first_image[:, None], in_frame // width, in_frame % width, rows_per_image[image], width
+
+    @staticmethod
+    def _place_by_positions(
+        is_image: torch.Tensor, seq_index: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """(image_index, row, col, grid_h, grid_w), each (B, N), from M-RoPE position ids (3 or 4, B, L).
+
+        An image is a run of image tokens (as for `get_rope_index`, which places each run of one modality as
+        one image); inside it the height / width positions are start + row / start + col (the last two rows
+        of the position ids; a leading fourth row holds 1-D text positions).
+        """
+        batch, n = seq_index.shape
+        run_start = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]  # (B, L)
+        image = (torch.cumsum(run_start, dim=1) - 1).gather(1, seq_index)  # (B, N) image of each token
+        height = position_ids[-2].to(seq_index.device).long().gather(1, seq_index)  # (B, N)
+        width = position_ids[-1].to(seq_index.device).long().gather(1, seq_index)
+        images = int(image[valid].max()) + 1
+        # One bucket per (sample, image); batch padding slots go to an extra bucket that nobody reads.
+        key = torch.where(
+            valid, torch.arange(batch, device=image.device)[:, None] * images + image, batch * images
+        )
+        key = key.flatten()
+        buckets = batch * images + 1
+
+        def reduce(values: torch.Tensor, how: str) -> torch.Tensor:
+            out = torch.zeros(buckets, dtype=values.dtype, device=values.device)
+            return out.scatter_reduce(0, key, values.flatten(), how, include_self=False)[key].view(batch, n)
+
+        top, left = reduce(height, "amin"), reduce(width, "amin")
+        row, col = height - top, width - left
+        return image, row, col, reduce(row, "amax") + 1, reduce(col, "amax") + 1
+
+    def _check_alignment(
+        self, counts: torch.Tensor, offset: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
+    ) -> None:
+        """Every sample's image tokens must be whole images of image_grid_thw, in order."""
+        total, described = int(counts.sum()), int(ends[-1]) if len(ends) else 0
+        has_images = counts > 0
+        aligned = (
+            torch.isin(offset[has_images], starts).all()
+            and torch.isin((offset + counts)[has_images], ends).all()
+        )
+        if total != described or not bool(aligned):
+            raise ValueError(
+                f"the prompts hold {counts.tolist()} image tokens per sample, which are not whole images of "
+                f"image_grid_thw (tokens per image: {(ends - starts).tolist()}, after the {self.merge} x "
+                f"{self.merge} merge); build prompts and images with the model's own processor, images in "
+                "prompt order, sample after sample"
+            )

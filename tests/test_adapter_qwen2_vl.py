@@ -1,0 +1,518 @@
+"""The pruning engine inside tiny random Qwen2-VL and Qwen2.5-VL models (real transformers classes, built
+offline from configs), against independent references: dynamic grids from image_grid_thw, several images per
+prompt, images of different sizes in one batch, 3-D M-RoPE positions and rope_deltas at decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from pore import Pruner, build_strategy
+from pore.adapters import adapter_for
+from pore.adapters.qwen2_vl import Qwen2VLAdapter
+from pore.data.benchmark import Sample
+from pore.data.collate import PromptCollator
+from qwen_reference import (
+    FAMILIES,
+    PIXELS_PER_TOKEN,
+    SAMPLES,
+    append_token,
+    exponential,
+    image,
+    image_spans,
+    kept_positions,
+    linear_rows,
+    make_inputs,
+    no_prior,
+    processor,
+    reference_kept_raster,
+    reference_pruned_logits,
+    sample_inputs,
+    tiny_model,
+    until_eos,
+)
+
+pytestmark = pytest.mark.parametrize("family", FAMILIES)
+
+KEEP = 3  # per image; the smallest test image has 4 x 2 = 8 tokens
+
+
+def image_token_id(family: str) -> int:
+    return tiny_model(family).config.image_token_id
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+
+
+def test_adapter_is_detected_for_both_classes(family: str) -> None:
+    model = tiny_model(family)
+    assert isinstance(adapter_for(model), Qwen2VLAdapter)
+    assert isinstance(adapter_for(model.model), Qwen2VLAdapter)  # the bare Qwen2VLModel / Qwen2_5_VLModel
+    adapter = adapter_for(model)
+    assert adapter.language_model() is model.model.language_model
+    assert len(adapter.decoder_layers()) == 4
+
+
+def test_layout_of_two_images_of_different_sizes_and_a_batch(family: str) -> None:
+    inputs = make_inputs(family, SAMPLES)
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8], [1, 6, 10], [1, 8, 4], [1, 10, 6]]
+    adapter = adapter_for(tiny_model(family))
+    layout = adapter.visual_layout(inputs["input_ids"], {"image_grid_thw": inputs["image_grid_thw"]})
+    # Written out by hand: (grid h, grid w) in tokens for each image of each sample.
+    grids = [[(4, 4)], [(3, 5), (4, 2)], [(5, 3)]]
+    ids = inputs["input_ids"]
+    for b, sample_grids in enumerate(grids):
+        expected = {key: [] for key in ("image", "row", "col", "h", "w")}
+        for i, (h, w) in enumerate(sample_grids):
+            for r in range(h):
+                for c in range(w):
+                    for key, value in zip(expected, (i, r, c, h, w), strict=True):
+                        expected[key].append(value)
+        n = len(expected["row"])
+        assert int(layout.valid[b].sum()) == n
+        assert not bool(layout.valid[b, n:].any())
+        assert (
+            layout.seq_index[b, :n].tolist()
+            == (ids[b] == image_token_id(family)).nonzero().flatten().tolist()
+        )
+        assert layout.image_index[b, :n].tolist() == expected["image"]
+        assert layout.row[b, :n].tolist() == expected["row"]
+        assert layout.col[b, :n].tolist() == expected["col"]
+        assert layout.grid_h[b, :n].tolist() == expected["h"]
+        assert layout.grid_w[b, :n].tolist() == expected["w"]
+        assert bool(layout.prunable[b, :n].all())
+    assert layout.images_per_sample.tolist() == [1, 2, 1]
+    # The raster index is the token's rank inside its image (grid tokens are in raster order).
+    assert layout.raster[1, 15:23].tolist() == list(range(8))
+
+
+def test_layout_from_m_rope_positions_equals_layout_from_the_grid(family: str) -> None:
+    """transformers >= 5.23's generate() hands the forward 3-D positions instead of image_grid_thw."""
+    model = tiny_model(family)
+    inputs = make_inputs(family, SAMPLES)
+    adapter = adapter_for(model)
+    by_grid = adapter.visual_layout(inputs["input_ids"], {"image_grid_thw": inputs["image_grid_thw"]})
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )  # (3, B, L)
+    text_positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)[None]  # generate's 4th row
+    for position_ids in (positions, torch.cat([text_positions, positions])):
+        by_positions = adapter.visual_layout(inputs["input_ids"], {"position_ids": position_ids})
+        for field in ("seq_index", "image_index", "row", "col", "grid_h", "grid_w", "valid", "prunable"):
+            assert torch.equal(getattr(by_positions, field), getattr(by_grid, field)), field
+
+
+def test_layout_errors_say_what_is_missing(family: str) -> None:
+    inputs = make_inputs(family, SAMPLES[:2])
+    adapter = adapter_for(tiny_model(family))
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        adapter.visual_layout(inputs["input_ids"])
+    with pytest.raises(ValueError, match="not whole images"):
+        # The two samples' grids swapped: counts no longer fall on image boundaries.
+        adapter.visual_layout(inputs["input_ids"], {"image_grid_thw": inputs["image_grid_thw"].flip(0)})
+    with pytest.raises(ValueError, match="not whole images"):
+        adapter.visual_layout(inputs["input_ids"], {"image_grid_thw": inputs["image_grid_thw"][:0]})
+    # A prompt without image tokens has an empty layout and needs no grid.
+    text_only = processor(family)(text=["what colour is it?"], return_tensors="pt")["input_ids"]
+    assert adapter.visual_layout(text_only).valid.shape == (1, 0)
+
+
+def test_images_of_other_sizes_give_other_grids(family: str) -> None:
+    sizes = [(28, 28), (28, 112), (112, 56), (98, 84)]
+    inputs = dict(
+        processor(family)(
+            images=[[image(size, seed=i)] for i, size in enumerate(sizes)],
+            text=[
+                processor(family).apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+            ]
+            * len(sizes),
+            padding=True,
+            return_tensors="pt",
+        )
+    )
+    layout = adapter_for(tiny_model(family)).visual_layout(inputs["input_ids"], inputs)
+    grids = [(h // PIXELS_PER_TOKEN, w // PIXELS_PER_TOKEN) for h, w in sizes]
+    assert [(int(layout.grid_h[b, 0]), int(layout.grid_w[b, 0])) for b in range(len(sizes))] == grids
+    assert layout.valid.sum(dim=1).tolist() == [h * w for h, w in grids]
+
+
+def test_an_image_of_several_frames_is_one_image_with_rows_per_frame(family: str) -> None:
+    """t > 1 (not produced by the image processor, which gives t = 1): frame after frame, row / col inside
+    each frame, one image_index (one budget) for all frames; the M-RoPE positions say the same."""
+    model = tiny_model(family)
+    image_id = model.config.image_token_id
+    input_ids = torch.tensor([[1, 3] + [image_id] * 8 + [4, 40, 41]])  # t = 2 frames of 2 x 2 tokens
+    grid_thw = torch.tensor([[2, 4, 4]])
+    adapter = adapter_for(model)
+    layout = adapter.visual_layout(input_ids, {"image_grid_thw": grid_thw})
+    assert layout.image_index[0].tolist() == [0] * 8
+    assert layout.row[0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert layout.col[0].tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert layout.grid_h[0].tolist() == layout.grid_w[0].tolist() == [2] * 8
+    positions, _ = model.model.get_rope_index(
+        input_ids, mm_token_type_ids=(input_ids == image_id).long(), image_grid_thw=grid_thw
+    )
+    by_positions = adapter.visual_layout(input_ids, {"position_ids": positions})
+    for field in ("image_index", "row", "col", "grid_h", "grid_w"):
+        assert torch.equal(getattr(by_positions, field), getattr(layout, field)), field
+
+
+def test_video_tokens_are_not_visual_tokens(family: str) -> None:
+    """Video tokens are left alone: not in the layout, never scored or pruned (they count as text)."""
+    model = tiny_model(family)
+    config = model.config
+    input_ids = torch.tensor(
+        [[1, 3, config.video_token_id, config.video_token_id, 4, 3] + [config.image_token_id] * 4 + [4]]
+    )
+    adapter = adapter_for(model)
+    assert adapter.visual_token_mask(input_ids).sum().item() == 4
+    layout = adapter.visual_layout(input_ids, {"image_grid_thw": torch.tensor([[1, 4, 4]])})
+    assert layout.seq_index[0].tolist() == [6, 7, 8, 9]
+
+
+def test_tiny_model_saves_and_loads_with_the_auto_class(family: str, tmp_path) -> None:
+    """The pipeline loads models with AutoModelForImageTextToText; the adapter is found for what it loads."""
+    from transformers import AutoModelForImageTextToText
+
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert type(loaded) is type(model)
+    assert isinstance(adapter_for(loaded), Qwen2VLAdapter)
+    inputs = sample_inputs(family, 1)
+    with torch.no_grad(), Pruner(loaded, build_strategy("pore_linear", keep=KEEP)) as pruner:
+        logits = loaded(**inputs).logits
+    with torch.no_grad(), Pruner(model, build_strategy("pore_linear", keep=KEEP)) as expected:
+        torch.testing.assert_close(logits, model(**inputs).logits, atol=1e-6, rtol=0)
+    assert pruner.last_record.kept_raster == expected.last_record.kept_raster
+
+
+# ---------------------------------------------------------------------------------------------- equivalences
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("strategy", ["fastv", "pore_linear", "pore_exponential", "random"])
+def test_keeping_everything_equals_the_untouched_model(family: str, attn: str, strategy: str) -> None:
+    model = tiny_model(family, attn)
+    inputs = make_inputs(family, SAMPLES)
+    with torch.no_grad():
+        untouched = model(**inputs).logits
+        with Pruner(model, build_strategy(strategy, keep=None, ratio=1.0)) as pruner:
+            pruned = model(**inputs).logits
+        real = inputs["attention_mask"].bool()
+        assert pruned.shape == untouched.shape
+        torch.testing.assert_close(pruned[real], untouched[real], atol=1e-5, rtol=0)
+        assert pruner.last_record.kept_raster == [
+            [list(range(16))],
+            [list(range(15)), list(range(8))],
+            [list(range(15))],
+        ]
+        # Detaching restores the model exactly.
+        assert model.config.text_config._attn_implementation == attn
+        torch.testing.assert_close(model(**inputs).logits, untouched, atol=0, rtol=0)
+
+
+PRIORS = {
+    "fastv": ({}, no_prior),
+    "pore_linear": ({"prior": {"alpha": 0.95}}, linear_rows(0.95)),
+    "pore_exponential": ({"prior": {"sigma": 2.0}}, exponential(2.0)),
+    "pore_exponential_index": ({"prior": {"sigma": 1.5, "position": "index"}}, exponential(1.5, "index")),
+}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("prior", list(PRIORS))
+@pytest.mark.parametrize("layer", [1, 2])
+def test_kept_tokens_equal_the_eager_attention_reference(
+    family: str, attn: str, prior: str, layer: int
+) -> None:
+    model, eager = tiny_model(family, attn), tiny_model(family, "eager")
+    settings, weights = PRIORS[prior]
+    name = prior.removesuffix("_index")
+    for b in range(len(SAMPLES)):
+        inputs = sample_inputs(family, b)
+        expected = reference_kept_raster(eager, inputs, layer, KEEP, weights)
+        with (
+            torch.no_grad(),
+            Pruner(model, build_strategy(name, keep=KEEP, layer=layer, **settings)) as pruner,
+        ):
+            model(**inputs)
+        assert pruner.last_record.kept_raster == [expected]
+
+
+def test_the_prior_changes_the_choice_towards_the_top_rows(family: str) -> None:
+    model = tiny_model(family)
+    inputs = sample_inputs(family, 0)  # one 4 x 4 grid
+    mean_rows = {}
+    for alpha in (0.0, 0.95):
+        strategy = build_strategy("pore_linear", keep=4, prior={"alpha": alpha})
+        with torch.no_grad(), Pruner(model, strategy) as pruner:
+            model(**inputs)
+        rows = [r // 4 for r in pruner.last_record.kept_raster[0][0]]
+        mean_rows[alpha] = sum(rows) / len(rows)
+    assert mean_rows[0.95] < mean_rows[0.0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("strategy", ["fastv", "pore_exponential", "random"])
+def test_pruned_forward_equals_removing_tokens_by_hand(family: str, attn: str, strategy: str) -> None:
+    model = tiny_model(family, attn)
+    for b in range(len(SAMPLES)):
+        inputs = sample_inputs(family, b)
+        with torch.no_grad(), Pruner(model, build_strategy(strategy, keep=KEEP, layer=2)) as pruner:
+            pruned = model(**inputs).logits
+        kept = kept_positions(inputs, image_token_id(family), pruner.last_record.kept_raster[0])
+        images = len(SAMPLES[b][1])
+        assert (
+            pruned.shape[1]
+            == len(kept)
+            == inputs["input_ids"].shape[1]
+            - sum(len(positions) for positions, _, _ in image_spans(inputs, image_token_id(family)))
+            + KEEP * images
+        )
+        expected = reference_pruned_logits(model, inputs, 2, kept)
+        torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("strategy", ["pore_linear", "pore_exponential"])
+def test_cached_generation_equals_recomputing_without_cache(family: str, attn: str, strategy: str) -> None:
+    """generate() with the KV cache == a greedy loop that recomputes the pruned sequence from scratch at
+    every step, the new tokens' positions coming from get_rope_index over the whole sequence."""
+    model = tiny_model(family, attn)
+    new_tokens = 6
+    for b in (0, 1):
+        inputs = sample_inputs(family, b)
+        length = inputs["input_ids"].shape[1]
+        with torch.no_grad(), Pruner(model, build_strategy(strategy, keep=KEEP, layer=2)) as pruner:
+            cached = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, length:].tolist()
+            again = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, length:].tolist()
+        assert cached == again  # deterministic
+        prompt_kept = kept_positions(inputs, image_token_id(family), pruner.last_record.kept_raster[0])
+        sequence, recomputed = inputs, []
+        for _ in range(new_tokens):
+            total = sequence["input_ids"].shape[1]
+            kept = torch.cat([prompt_kept, torch.arange(length, total)])
+            token = int(reference_pruned_logits(model, sequence, 2, kept)[0, -1].argmax())
+            recomputed.append(token)
+            sequence = append_token(sequence, token)
+        assert cached == until_eos(recomputed)  # generate() stops at <|im_end|>
+
+
+def test_cached_forward_steps_use_the_full_layers_length(family: str) -> None:
+    """Plain forwards with a cache: positions of new tokens come from layer 0's length (every token) plus the
+    prefill's rope_deltas, not from a pruned layer's shorter length."""
+    model = tiny_model(family)
+    inputs = sample_inputs(family, 1)
+    length = inputs["input_ids"].shape[1]
+    strategy = build_strategy("fastv", keep=KEEP, layer=2)
+    with torch.no_grad():
+        model(**inputs)
+        untouched_deltas = model.model.rope_deltas.clone()
+        with Pruner(model, strategy):
+            generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)[0, length:].tolist()
+            out = model(**inputs, use_cache=True)
+            assert torch.equal(model.model.rope_deltas, untouched_deltas)
+            cache, tokens = out.past_key_values, [int(out.logits[0, -1].argmax())]
+            for _ in range(4):
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+                tokens.append(int(out.logits[0, -1].argmax()))
+    assert until_eos(tokens) == generated
+    pruned = length + 4 - (15 + 8 - 2 * KEEP)
+    assert [cache.get_seq_length(i) for i in range(4)] == [length + 4, length + 4, pruned, pruned]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("strategy", ["pore_linear", "pore_exponential", "random"])
+def test_padded_batch_equals_single_samples(family: str, attn: str, strategy: str) -> None:
+    """Different prompt lengths, image sizes and numbers of images in one left-padded batch."""
+    model = tiny_model(family, attn)
+    inputs = make_inputs(family, SAMPLES)
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad(), Pruner(model, build_strategy(strategy, keep=KEEP)) as pruner:
+        batch_out = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, length:]
+        batch_kept = pruner.last_record.kept_raster
+        batch_logits = model(**inputs).logits
+        assert pruner.last_record.kept_raster == batch_kept
+        assert [len(images) for images in batch_kept] == [1, 2, 1]
+        for b in range(len(SAMPLES)):
+            alone_inputs = sample_inputs(family, b)
+            alone_length = alone_inputs["input_ids"].shape[1]
+            alone = model.generate(**alone_inputs, max_new_tokens=6, do_sample=False)[0, alone_length:]
+            assert pruner.last_record.kept_raster == [batch_kept[b]]
+            assert until_eos(alone) == until_eos(batch_out[b])
+            alone_logits = model(**alone_inputs).logits
+            # The pruned batch is left-filled per sample: compare each sample's last positions. (The vision
+            # tower runs all images of a batch as one sequence: its fp32 sums differ in the last bits.)
+            torch.testing.assert_close(
+                batch_logits[b, -alone_logits.shape[1] :], alone_logits[0], atol=1e-4, rtol=0
+            )
+
+
+def test_record_counts_image_tokens_per_layer(family: str) -> None:
+    model = tiny_model(family)
+    inputs = make_inputs(family, SAMPLES)
+    with torch.no_grad(), Pruner(model, build_strategy("fastv", keep=2, layer=3)) as pruner:
+        model(**inputs)
+    record = pruner.last_record
+    before, after = [16, 23, 15], [2, 4, 2]
+    assert record.visual_tokens.tolist() == [before] * 3 + [after]
+    real = inputs["attention_mask"].sum(dim=1).tolist()
+    assert record.sequence_lengths.tolist() == [real] * 3 + [
+        [n - (x - y) for n, x, y in zip(real, before, after, strict=True)]
+    ]
+
+
+def test_ratio_budget_is_per_image(family: str) -> None:
+    model = tiny_model(family)
+    with torch.no_grad(), Pruner(model, build_strategy("fastv", keep=None, ratio=0.5)) as pruner:
+        model(**make_inputs(family, SAMPLES))
+    assert [[len(kept) for kept in images] for images in pruner.last_record.kept_raster] == [[8], [8, 4], [8]]
+
+
+def test_keep_larger_than_an_image_says_so(family: str) -> None:
+    model = tiny_model(family)
+    with (
+        torch.no_grad(),
+        Pruner(model, build_strategy("fastv", keep=9)),
+        pytest.raises(ValueError, match="larger than"),
+    ):
+        model(**sample_inputs(family, 1))
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+
+def test_the_pipeline_collator_gives_inputs_the_pruner_runs_on(family: str) -> None:
+    """PromptCollator (chat template + processor, as `python src/run.py` uses it) with images of different
+    sizes: valid Qwen inputs, and each sample answers the same alone or in the padded batch."""
+    model = tiny_model(family)
+    collate = PromptCollator(processor(family))
+    questions = ["what colour is the circle?", "what shape is in the bottom right of the image?"]
+    images = [image((42, 70), seed=1), image((84, 56), seed=2)]
+    batch = collate(
+        [Sample(str(i), q, ["red"], im) for i, (q, im) in enumerate(zip(questions, images, strict=True))]
+    )
+    inputs = batch.inputs
+    assert {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"} <= set(
+        inputs
+    )
+    assert inputs["image_grid_thw"].tolist() == [[1, 6, 10], [1, 12, 8]]
+    assert batch.prompts[0].startswith("<|im_start|>system\n")
+    assert "<|vision_start|><|image_pad|><|vision_end|>what colour" in batch.prompts[0]
+    assert bool(inputs["attention_mask"][:, -1].all())  # left padding
+    strategy = build_strategy("pore_linear", keep=4)
+    with torch.no_grad(), Pruner(model, strategy) as pruner:
+        length = inputs["input_ids"].shape[1]
+        answers = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, length:]
+        kept = pruner.last_record.kept_raster
+        for b in range(2):
+            alone = collate([Sample(str(b), questions[b], ["red"], images[b])]).inputs
+            alone_answer = model.generate(**alone, max_new_tokens=4, do_sample=False)[
+                0, alone["input_ids"].shape[1] :
+            ]
+            assert until_eos(alone_answer) == until_eos(answers[b])
+            assert pruner.last_record.kept_raster == [kept[b]]
+
+
+def test_pil_images_of_any_mode_are_accepted(family: str) -> None:
+    grey = Image.new("L", (56, 56), color=128)
+    inputs = PromptCollator(processor(family))([Sample("0", "what colour?", ["grey"], grey)]).inputs
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
+
+
+# ------------------------------------------------------------------------------- every method x every prior
+
+# Attention-scored methods with their pruning layers on the 4-layer models (PyramidDrop in two stages).
+ATTENTION_METHODS: dict[str, int | list[int]] = {"fastv": 2, "pdrop": [1, 3], "sparsevlm": 2}
+PRIOR_SETTINGS = {
+    "linear": {"name": "linear", "alpha": 0.9},
+    "exponential": {"name": "exponential", "sigma": 2.0},
+    "exponential_index": {"name": "exponential", "sigma": 1.5, "position": "index"},
+}
+
+
+def staged(value: float | int, layer: int | list[int]) -> float | int | list:
+    """One budget per pruning stage: 4 / 2 tokens for two stages, KEEP for one (or the same ratio)."""
+    if not isinstance(layer, list):
+        return value
+    return [value] * len(layer) if isinstance(value, float) else [value + 1, value - 1]
+
+
+@pytest.mark.parametrize("method", list(ATTENTION_METHODS))
+@pytest.mark.parametrize("prior", list(PRIOR_SETTINGS))
+def test_every_attention_method_with_every_prior(family: str, method: str, prior: str) -> None:
+    """Keeping everything == the untouched model; a padded batch of different image sizes == each sample
+    alone (kept tokens and cached greedy answers)."""
+    model = tiny_model(family)
+    layer, settings = ATTENTION_METHODS[method], PRIOR_SETTINGS[prior]
+    inputs = make_inputs(family, SAMPLES)
+    everything = build_strategy(method, layer=layer, keep=None, ratio=staged(1.0, layer), prior=settings)
+    strategy = build_strategy(
+        method, layer=layer, keep=staged(KEEP, layer), ratio=staged(0.5, layer), prior=settings
+    )
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        untouched = model(**inputs).logits
+        with Pruner(model, everything):
+            pruned = model(**inputs).logits
+        real = inputs["attention_mask"].bool()
+        torch.testing.assert_close(pruned[real], untouched[real], atol=1e-5, rtol=0)
+        with Pruner(model, strategy) as pruner:
+            batch_out = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, length:]
+            batch_kept = pruner.last_record.kept_raster
+            final = KEEP - 1 if isinstance(layer, list) else KEEP
+            assert [[len(kept) for kept in images] for images in batch_kept] == [
+                [final],
+                [final] * 2,
+                [final],
+            ]
+            for b in range(len(SAMPLES)):
+                alone_inputs = sample_inputs(family, b)
+                alone = model.generate(**alone_inputs, max_new_tokens=5, do_sample=False)
+                assert pruner.last_record.kept_raster == [batch_kept[b]]
+                answer = alone[0, alone_inputs["input_ids"].shape[1] :]
+                assert until_eos(answer) == until_eos(batch_out[b])
+
+
+def test_pyramid_stages_leave_fewer_tokens_in_each_cache_layer(family: str) -> None:
+    model = tiny_model(family)
+    inputs = sample_inputs(family, 0)  # one 4 x 4 image
+    length = inputs["input_ids"].shape[1]
+    strategy = build_strategy(
+        "pdrop", layer=[1, 3], keep=[8, 2], ratio=[0.5, 0.25], prior=PRIOR_SETTINGS["linear"]
+    )
+    with torch.no_grad(), Pruner(model, strategy):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    total = length + 2  # the last generated token is never fed back
+    cache = out.past_key_values
+    assert [cache.get_seq_length(i) for i in range(4)] == [total, total - 8, total - 8, total - 14]
+
+
+def test_pooling_keeps_one_token_per_window_of_the_dynamic_grid(family: str) -> None:
+    model = tiny_model(family)
+    with torch.no_grad(), Pruner(model, build_strategy("pool", keep=4)) as pruner:
+        model(**make_inputs(family, SAMPLES))
+    kept = pruner.last_record.kept_raster[0][0]  # the 4 x 4 image: one token in each 2 x 2 quadrant
+    assert sorted(((r // 4) // 2, (r % 4) // 2) for r in kept) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [[len(k) for k in images] for images in pruner.last_record.kept_raster] == [[4], [4, 4], [4]]
+
+
+def test_vision_cls_scoring_is_refused_clearly(family: str) -> None:
+    """Qwen's vision tower has no [CLS] token, so FasterVLM's score does not exist for it."""
+    model = tiny_model(family)
+    strategy = build_strategy("fastervlm", keep=KEEP)
+    with (
+        pytest.raises(NotImplementedError, match="no vision \\[CLS\\] attention"),
+        torch.no_grad(),
+        Pruner(model, strategy),
+    ):
+        model(**sample_inputs(family, 0))
