@@ -317,9 +317,11 @@ def test_cached_generation_equals_recomputing_without_cache(attn: str, frame: st
         strategy = build_strategy("pore_exponential", keep=5, layer=2)
         with torch.no_grad(), Pruner(model, strategy, adapter) as pruner:
             if frame == "tile" and generate_pre_encodes_images(model):
+                # generate() keeps image_sizes from the forward: without the sizes the tile frame refuses,
+                # with set_image_sizes (what the pipeline does for every batch) it works.
                 with pytest.raises(ValueError, match="position_frame='tile' needs image_sizes"):
                     model.generate(**alone, max_new_tokens=new_tokens, do_sample=False)
-                return
+            pruner.set_image_sizes([sizes])
             generated = model.generate(**alone, max_new_tokens=new_tokens, do_sample=False)
             cached = generated[0, length:].tolist()
         prompt_kept = kept_positions(alone["input_ids"], sizes, pruner.last_record.kept_raster[0])

@@ -102,7 +102,7 @@ class VLMEvaluator(L.LightningModule):
         inputs = {key: value.to(self.device) for key, value in batch.inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        if self.pruner is not None and self.strategy.prior.suppress_padding:
+        if self.pruner is not None:
             self.pruner.set_image_sizes(batch.image_sizes)
         prompt_length = inputs["input_ids"].shape[1]
 

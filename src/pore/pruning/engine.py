@@ -196,7 +196,9 @@ class Pruner:
         self.detach()
 
     def set_image_sizes(self, sizes: list[list[tuple[int, int]]] | None) -> None:
-        """Original (height, width) of every image, per sample, for the next prefill's padding suppression."""
+        """Original (height, width) of every image, per sample, for the next prefill: padding suppression,
+        and the layout of families whose token count depends on the size (LLaVA-NeXT) when generate()
+        does not hand `image_sizes` to the forward."""
         self._image_sizes = sizes
 
     # ------------------------------------------------------------------ checks and set-up
@@ -297,6 +299,11 @@ class Pruner:
                 "prompts must be left-padded so that the last position is each prompt's last token: "
                 "set processor.tokenizer.padding_side = 'left'"
             )
+        if image_inputs.get("image_sizes") is None and self._image_sizes is not None:
+            # generate() may encode the images before the prefill and keep `image_sizes` from the forward
+            # (transformers >= 5.23); the sizes given to set_image_sizes stand in for them.
+            sizes = [size for sample in self._image_sizes for size in sample]
+            image_inputs = {**image_inputs, "image_sizes": torch.tensor(sizes, device=input_ids.device)}
         layout = self.adapter.visual_layout(input_ids, image_inputs)
         if self.method.vision_attention:
             if vision_attention is None:
