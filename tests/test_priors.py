@@ -74,9 +74,9 @@ def test_bad_hyperparameters_raise(config: PriorConfig, message: str) -> None:
 
 
 def test_unknown_prior_lists_valid_ones() -> None:
-    with pytest.raises(UnknownNameError, match="choose one of: exponential, linear, none"):
+    with pytest.raises(UnknownNameError, match="choose one of: calibrated, exponential, linear, none"):
         PriorConfig("quadratic").validate()
-    assert set(PRIORS) >= {"none", "linear", "exponential"}
+    assert set(PRIORS) >= {"none", "linear", "exponential", "calibrated"}
 
 
 def test_padding_fraction_wide_image() -> None:

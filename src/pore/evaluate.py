@@ -77,7 +77,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         log.info("resuming in %s: %d questions already answered are skipped", output_dir, len(skip))
 
     logger = build.build_logger(cfg, output_dir)
-    final = FinalMetrics(benchmark, str(cfg.data.name), output_dir)
+    figures = None
+    if strategy.prunes:
+        # Kept tokens by row / by cell and a few sample pictures in <output_dir>/figures (pore.viz).
+        def figures(rows: list[dict[str, Any]]) -> dict[str, Path]:
+            from pore.viz import run_figures
+
+            return run_figures(cfg, output_dir, rows, processor)
+
+    final = FinalMetrics(benchmark, str(cfg.data.name), output_dir, figures)
     trainer = build.build_trainer(cfg, logger, [PredictionWriter(output_dir), final, LiveMetricProgressBar()])
     build.share_cpu_threads(trainer)
     if logger:
@@ -93,4 +101,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     title += f"({strategy.method}, prior {strategy.prior.name})"
     print(summary_table(final.metrics, title))
     print(f"predictions, metrics and config in {output_dir}")
+    if final.figure_paths:
+        print(f"pictures in {output_dir / 'figures'}: {', '.join(sorted(final.figure_paths))}")
     return final.metrics

@@ -5,11 +5,14 @@ position in raster order (by row, or by raster index). Causal LMs pay inflated a
 so a prior that decreases with `p` counteracts that recency bias before the top-k.
 
 Adding a prior is one decorated function here (and one config file): its keyword parameters become the
-strategy's `prior.<name>` settings.
+strategy's `prior.<name>` settings. A prior function names the inputs it needs among `PRIOR_INPUTS`: most take
+`p` alone; the `calibrated` prior (a profile measured by `src/calibrate.py`, see `pore.calibration`) takes
+the token's `row`, `col`, `grid_h`, `grid_w`, the `position` mode and the strategy's pruning `layer`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -25,6 +28,10 @@ POSITION_MODES: tuple[str, ...] = ("row", "index")
 
 PriorFunction = Callable[..., torch.Tensor]
 PRIORS: Registry[PriorFunction] = Registry("prior")
+
+# What a prior function may ask for by naming it as a parameter; every other parameter is a hyperparameter
+# (a `strategy.prior.<name>` setting). `layer` is the strategy's (first) pruning layer K, or None.
+PRIOR_INPUTS: tuple[str, ...] = ("p", "row", "col", "grid_h", "grid_w", "position", "layer")
 
 
 def normalized_position(
@@ -71,6 +78,47 @@ def exponential_prior(p: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     return torch.exp(-sigma * p)
 
 
+@PRIORS.register("calibrated")
+def calibrated_prior(
+    row: torch.Tensor,
+    col: torch.Tensor,
+    grid_h: torch.Tensor,
+    grid_w: torch.Tensor,
+    position: str = "row",
+    layer: int | None = None,
+    path: str | None = None,
+    form: str = "profile",
+    floor: float = 0.05,
+    check_layer: bool = True,
+) -> torch.Tensor:
+    """w = 1 / (the model's measured attention profile), from a prior file written by `src/calibrate.py`.
+
+    `path` is a prior file, or a folder of them (`layer<K>.json`: the one for this strategy's layer K is
+    read). `form`: `profile` divides by the mean attention of each row, `profile2d` by that of each grid cell,
+    `gravity` by the RoPE-only attention of a content-free query/key pair (stored in the file);
+    `linear` / `exponential` use the fitted alpha / sigma (w = 1 - alpha p, exp(-sigma p), p by `position`).
+    Profiles are clamped at `floor` (1 = uniform attention) before dividing, so a weight is at most
+    max(profile) / floor times another. Weights are finite, positive and scaled so that the largest weight of
+    a grid is 1 (as for `linear` and `exponential`); the top-k inside an image does not depend on the scale.
+    A grid size that the file has no profile for is resampled from its best-measured grid (bilinear on the
+    normalised coordinates), with a warning. `check_layer`: refuse a file measured for another layer.
+    """
+    from pore.calibration.priorfile import calibrated_weights  # the file format lives with the calibration
+
+    return calibrated_weights(
+        row,
+        col,
+        grid_h,
+        grid_w,
+        path=path,
+        form=form,
+        floor=floor,
+        position=position,
+        layer=layer,
+        check_layer=check_layer,
+    )
+
+
 def padding_fraction(grid_h: int, grid_w: int, image_h: int, image_w: int) -> torch.Tensor:
     """Share of each grid cell's area that lies in the pad-to-square border, shape (grid_h * grid_w,).
 
@@ -100,15 +148,18 @@ def padding_fraction(grid_h: int, grid_w: int, image_h: int, image_w: int) -> to
 class PriorConfig:
     """A prior and its settings, as users write them under `strategy.prior`.
 
-    `params` holds the prior function's own hyperparameters (`alpha`, `sigma`, ...); settings a prior does not
-    take are ignored, so one sweep can vary `alpha` and `sigma` across strategies that use either.
+    `params` holds the prior function's own hyperparameters (`alpha`, `sigma`, `path`, ...); settings a prior
+    does not take are ignored, so one sweep can vary `alpha` and `sigma` across strategies that use either.
+    `strategy_layer` is set by the Strategy that holds the prior (its first pruning layer), for priors that
+    were measured at a layer.
     """
 
     name: str = "none"
     position: str = "row"
     suppress_padding: bool = False
     pad_threshold: float = 0.5
-    params: Mapping[str, float] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    strategy_layer: int | None = None
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> PriorConfig:
@@ -120,13 +171,21 @@ class PriorConfig:
         }
         return cls(**known, params=params)
 
-    def hyperparameters(self) -> dict[str, float]:
-        """The settings that this prior's function takes, with the function's defaults filled in."""
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings that this prior's function takes, with the function's defaults filled in.
+
+        Numbers become floats (as the command line may give `1` for `1.0`); strings, booleans and None stay.
+        """
         signature = inspect.signature(PRIORS.get(self.name)).parameters
         return {
-            key: float(self.params.get(key, parameter.default))
-            for key, parameter in list(signature.items())[1:]
+            key: _setting(self.params.get(key, parameter.default), parameter.default)
+            for key, parameter in signature.items()
+            if key not in PRIOR_INPUTS
         }
+
+    def at_layer(self, layer: int | None) -> PriorConfig:
+        """This prior as used by a strategy that prunes (first) before decoder layer `layer`."""
+        return self if layer == self.strategy_layer else dataclasses.replace(self, strategy_layer=layer)
 
     def validate(self) -> None:
         PRIORS.get(self.name)
@@ -148,5 +207,29 @@ class PriorConfig:
         grid_w: torch.Tensor,
     ) -> torch.Tensor:
         """One weight per token (float64, same shape as `row`)."""
-        p = normalized_position(row, col, grid_h.long(), grid_w.long(), self.position)
-        return PRIORS.get(self.name)(p, **self.hyperparameters())
+        function = PRIORS.get(self.name)
+        wanted = inspect.signature(function).parameters
+        inputs: dict[str, Any] = {}
+        if "p" in wanted:
+            inputs["p"] = normalized_position(row, col, grid_h.long(), grid_w.long(), self.position)
+        available = {
+            "row": row.long(),
+            "col": col.long(),
+            "grid_h": grid_h.long(),
+            "grid_w": grid_w.long(),
+            "position": self.position,
+            "layer": self.strategy_layer,
+        }
+        inputs.update({key: value for key, value in available.items() if key in wanted})
+        return function(**inputs, **self.hyperparameters())
+
+
+def _setting(value: Any, default: Any) -> Any:
+    """A prior setting in the type of its default: floats for numbers, bool for flags, else unchanged."""
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    if isinstance(default, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value

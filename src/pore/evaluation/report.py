@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -16,6 +18,10 @@ from pore.data import Benchmark
 from pore.evaluation import predictions
 from pore.evaluation.writer import read_rank_stats
 from pore.metrics import METRICS
+
+log = logging.getLogger("pore")
+# Draws a run's pictures from its merged rows; returns {name: PNG path} (see pore.viz.run_figures).
+FigureMaker = Callable[[list[dict[str, Any]]], dict[str, Path]]
 
 
 def benchmark_metrics(benchmark: Benchmark, prefix: str, rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -72,11 +78,17 @@ class FinalMetrics(Callback):
     """At the end of predict (after the writer merged the ranks): metrics.json, and the loggers get them.
 
     It runs inside the Trainer's predict, before the loggers are finalised, so W&B and CSV keep the values.
+    With `figures`, it then draws the run's pictures (PNG files; W&B also gets them as images). A picture
+    that fails is logged and skipped: it never costs the metrics.
     """
 
-    def __init__(self, benchmark: Benchmark, prefix: str, output_dir: str | Path) -> None:
+    def __init__(
+        self, benchmark: Benchmark, prefix: str, output_dir: str | Path, figures: FigureMaker | None = None
+    ) -> None:
         self.benchmark, self.prefix, self.output_dir = benchmark, prefix, Path(output_dir)
+        self.figures = figures
         self.metrics: dict[str, float] | None = None
+        self.figure_paths: dict[str, Path] = {}
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -94,3 +106,17 @@ class FinalMetrics(Callback):
                 logger.experiment.summary.update(metrics)
                 shutil.copy(self.output_dir / "metrics.json", Path(logger.experiment.dir) / "metrics.json")
         self.metrics = metrics
+        if self.figures is not None:
+            self._draw(trainer, rows)
+
+    def _draw(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> None:
+        try:
+            self.figure_paths = self.figures(rows)
+        except Exception as error:  # pictures are a bonus: a broken one must not fail the run
+            log.warning("could not draw the run's pictures: %s: %s", type(error).__name__, error)
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and self.figure_paths:
+                names = sorted(self.figure_paths)
+                for name in names:
+                    logger.log_image(key=f"figures/{name}", images=[str(self.figure_paths[name])])
