@@ -53,12 +53,13 @@ def accuracy(tmp_path: Path, *overrides: str) -> dict[str, float]:
 
 
 def test_unpruned_model_reads_the_images(tmp_path: Path) -> None:
-    """The shipped model must read the images: far above answering blind (82 % vs 35 % when trained)."""
+    """The shipped model must read the images: at least 85 % (89.5 % when trained; issue 4's target), far
+    above answering blind (35 %)."""
     metrics = accuracy(tmp_path, "strategy=none")
     blind = blind_accuracy()
     assert metrics["spatial/samples"] == SPLIT
     assert 0.3 < blind < 0.5
-    assert metrics["spatial/acc"] >= 0.8 and metrics["spatial/acc"] >= blind + 0.4
+    assert metrics["spatial/acc"] >= 0.85 and metrics["spatial/acc"] >= blind + 0.4
 
 
 def test_random_pruning_to_an_eighth_costs_accuracy(tmp_path: Path) -> None:
