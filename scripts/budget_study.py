@@ -7,6 +7,12 @@ Each cell is one `pore.evaluate` run (the code path of `python src/run.py`) with
 output folder under `outputs/budget_study/`, so reruns resume and finished cells cost nothing. Extra
 arguments are Hydra overrides applied to every run. Budgets are image tokens kept per image; "all" means
 every token (the unpruned model is run once, with strategy=none).
+
+A strategy may name a calibrated prior's form after a slash (`pore_calibrated/profile2d`) and its pruning
+layer after an at sign (`fastervlm@2`: FasterVLM pruning before layer 2, like FastV, instead of before the
+language model). PyramidDrop
+strategies get three stages before layers 1, 2 and 3 (the embedded model has 4) keeping 4b, 2b and b tokens
+(capped at the image's tokens), so their last stage meets the budget b; `--pdrop-layers` changes the layers.
 """
 
 from __future__ import annotations
@@ -22,7 +28,29 @@ from pore.config import register_resolvers
 from pore.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ("random", "fastv", "pore_linear", "pore_exponential")
+STRATEGIES = (
+    "random",
+    "random@0",
+    "pool",
+    "pool@2",
+    "pool_average",
+    "fastervlm",
+    "fastervlm@2",
+    "fastv",
+    "pore_linear",
+    "pore_exponential",
+    "sparsevlm",
+    "pore_sparsevlm_linear",
+    "pdrop",
+    "pore_pdrop_linear",
+    "pore_calibrated/linear",
+    # K = 1: ranked by layer 0, where the embedded model's attention is most biased towards the bottom.
+    "fastv@1",
+    "pore_linear@1",
+    "pore_exponential@1",
+    "pore_calibrated/linear@1",
+    "pore_calibrated/profile@1",
+)
 
 
 def run(overrides: list[str]) -> dict[str, float]:
@@ -39,23 +67,35 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "budget_study")
     parser.add_argument("--json", type=Path, help="also write every cell's metrics here")
+    parser.add_argument("--pdrop-layers", type=int, nargs="+", default=[1, 2, 3])
     args, overrides = parser.parse_known_args()
     register_resolvers()
 
     base = ["logger=none", *overrides]
     cells: dict[tuple[str, str], dict[str, float]] = {}
     cells[("none", "all")] = run([*base, "strategy=none", f"output_dir={args.out}/none"])
+    metrics = cells[("none", "all")]
+    before = int(metrics["eff/visual_tokens_before"])
     for strategy in args.strategies:
+        name, _, layer = strategy.partition("@")
+        name, _, form = name.partition("/")
         for budget in args.budgets:
-            folder = f"{args.out}/{strategy}-keep{budget}"
-            cells[(strategy, str(budget))] = run(
-                [*base, f"strategy={strategy}", f"strategy.keep={budget}", f"output_dir={folder}"]
-            )
+            settings = [f"strategy={name}", f"strategy.keep={budget}"]
+            if form:
+                settings.append(f"strategy.prior.form={form}")
+            if layer:
+                settings.append(f"strategy.layer={layer}")
+            if "pdrop" in name:
+                stages = len(args.pdrop_layers)
+                keeps = [min(before, budget * 2 ** (stages - 1 - i)) for i in range(stages)]
+                layers = ",".join(map(str, args.pdrop_layers))
+                settings = [f"strategy={name}", f"strategy.layer=[{layers}]", "strategy.ratio=null"]
+                settings.append(f"strategy.keep=[{','.join(map(str, keeps))}]")
+            folder = f"{args.out}/{strategy.replace('/', '-').replace('@', '-K')}-keep{budget}"
+            cells[(strategy, str(budget))] = run([*base, *settings, f"output_dir={folder}"])
 
-    metrics = next(iter(cells.values()))
     prefix = next(key.split("/")[0] for key in metrics if key.endswith("/acc"))
     region_keys = [k for k in (f"{prefix}/acc_top", f"{prefix}/acc_bottom") if k in metrics]
-    before = int(metrics["eff/visual_tokens_before"])
     header = (
         ["strategy", "kept / image", f"{prefix} acc"]
         + [k.split("/")[1] for k in region_keys]
