@@ -354,6 +354,11 @@ def build_tiny_checkpoint(
         max_new_tokens=16,
         do_sample=False,
     )
+    return save_checkpoint(model, processor, path)
+
+
+def save_checkpoint(model: Any, processor: Any, path: Path) -> Path:
+    """Save `model` and `processor` side by side in `path` (created if needed), ready for from_pretrained."""
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)

@@ -34,7 +34,14 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
-from pore.tiny import CHAT_TEMPLATE, DEFAULT_WORDS, IMAGE_TOKEN, build_tokenizer, tiny_llava_config
+from pore.tiny import (
+    CHAT_TEMPLATE,
+    DEFAULT_WORDS,
+    IMAGE_TOKEN,
+    build_tokenizer,
+    save_checkpoint,
+    tiny_llava_config,
+)
 
 __all__ = [
     "build_next_image_processor",
@@ -184,10 +191,7 @@ def build_tiny_next_checkpoint(
     path = Path(path)
     processor = build_next_processor(grid * patch_size, patch_size, pinpoints, words)
     model = build_tiny_next_model(processor, seed, **config_overrides)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    processor.save_pretrained(path)
-    return path
+    return save_checkpoint(model, processor, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

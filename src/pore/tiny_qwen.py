@@ -49,7 +49,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from pore.tiny import DEFAULT_WORDS, _normalizer, _pre_tokenizer, vocabulary
+from pore.tiny import DEFAULT_WORDS, _normalizer, _pre_tokenizer, save_checkpoint, vocabulary
 
 __all__ = [
     "FAMILIES",
@@ -404,10 +404,7 @@ def build_tiny_qwen_checkpoint(
     config_overrides.setdefault("merge_size", image_processor.merge_size)
     config_overrides.setdefault("temporal_patch_size", image_processor.temporal_patch_size)
     model = build_tiny_qwen(family, vocab_size=len(processor.tokenizer), seed=seed, **config_overrides)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    processor.save_pretrained(path)
-    return path
+    return save_checkpoint(model, processor, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

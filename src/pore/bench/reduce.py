@@ -24,18 +24,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
 from pore import adapter_for
-
-
-def gather_sequence(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
-    """`tensor` at positions `index` (B, L') along `seq_dim`; the batch dim just before it may be 1."""
-    batch_dim = seq_dim - 1
-    shape = list(tensor.shape)
-    shape[batch_dim] = index.shape[0]
-    tensor = tensor.expand(*shape)
-    view = [1] * tensor.dim()
-    view[batch_dim], view[seq_dim] = index.shape
-    full = index.view(view).expand(*shape[:seq_dim], index.shape[1], *shape[seq_dim + 1 :])
-    return tensor.gather(seq_dim, full)
+from pore.pruning.engine import gather_sequence
 
 
 class SequenceReducer:

@@ -87,7 +87,7 @@ class _Sequence:
     cache: Cache | None
 
 
-def _gather_sequence(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
+def gather_sequence(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
     """Gather `index` (B, L') along `seq_dim` of `tensor`, whose batch dim (just before it) may be 1."""
     batch_dim = seq_dim - 1
     shape = list(tensor.shape)
@@ -496,17 +496,17 @@ class Pruner:
         slot_is_kept = keep.gather(1, order)  # (B, L')
         pruned_padding = prefill.current_padding.gather(1, order) & slot_is_kept  # (B, L')
 
-        pruned_hidden = _gather_sequence(hidden, order, seq_dim=1)  # (B, L', D)
+        pruned_hidden = gather_sequence(hidden, order, seq_dim=1)  # (B, L', D)
         # Later stages gather from what the previous stage handed its layers, not from the full sequence.
         source = self._pruned_inputs if stage > 0 else None
         cos, sin = source.position_embeddings if source is not None else kwargs["position_embeddings"]
         position_embeddings = (
-            _gather_sequence(cos, order, seq_dim=cos.dim() - 2),
-            _gather_sequence(sin, order, seq_dim=sin.dim() - 2),
+            gather_sequence(cos, order, seq_dim=cos.dim() - 2),
+            gather_sequence(sin, order, seq_dim=sin.dim() - 2),
         )
         position_ids = source.position_ids if source is not None else kwargs.get("position_ids")
         if position_ids is not None and not self._uses_flash_attention():
-            position_ids = _gather_sequence(position_ids, order, seq_dim=position_ids.dim() - 1)
+            position_ids = gather_sequence(position_ids, order, seq_dim=position_ids.dim() - 1)
         else:
             # FlashAttention reads non-contiguous position ids as packed sequences; the mask says it all.
             position_ids = None
