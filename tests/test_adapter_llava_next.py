@@ -449,3 +449,35 @@ def test_padding_suppression_is_refused() -> None:
     """LLaVA-NeXT never pads to a square: the LLaVA-1.5 border rule would drop real content."""
     with pytest.raises(ValueError, match="do not pad images to a square"):
         Pruner(build_model(), build_strategy("pore_linear", prior={"suppress_padding": True}))
+
+
+def test_fastervlm_ranks_each_token_by_the_cls_attention_of_its_own_view() -> None:
+    """Base tokens by the base view's [CLS] row, high-resolution tokens by their tile's (eager CLIP
+    attention of the feature layer); newlines are never dropped. Batched and alone agree."""
+    model = build_model()
+    inputs = prompt_inputs([[(48, 30)], [(30, 45)]])
+    keep = 6
+    with torch.no_grad(), Pruner(model, build_strategy("fastervlm", keep=keep, layer=2)) as pruner:
+        model(**inputs)
+    kept = pruner.last_record.kept_raster
+    adapter = LlavaNextAdapter(model)
+    model.set_attn_implementation({"vision_config": "eager"})
+    encoder_layers = len(model.model.vision_tower.encoder.layers)
+    scoring_layer = encoder_layers + model.config.vision_feature_layer  # hidden_states[-2]: layer L - 2
+    for b, (height, width) in enumerate(inputs["image_sizes"].tolist()):
+        coordinates = adapter._packed_coordinates(height, width, "default")  # (T, 4): part, tile, row, col
+        views = int(coordinates[:, 1].max()) + 2  # base + tiles
+        with torch.no_grad():
+            out = model.model.vision_tower(inputs["pixel_values"][b, :views], output_attentions=True)
+        cls_rows = out.attentions[scoring_layer][:, :, 0, 1:].mean(dim=1)  # (views, S * S)
+        scores = [
+            float(cls_rows[tile + 1, row * SIDE + col])
+            for part, tile, row, col in coordinates.tolist()
+            if part != NEWLINE
+        ]
+        expected = sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:keep])
+        assert kept[b] == [expected]
+    model.set_attn_implementation({"vision_config": "sdpa"})
+    with torch.no_grad(), Pruner(model, build_strategy("fastervlm", keep=keep, layer=0)) as pruner:
+        model(**{key: value[1:] for key, value in inputs.items()})
+    assert pruner.last_record.kept_raster[0] == kept[1]

@@ -109,8 +109,11 @@ class ModelAdapter(ABC):
             f"scores with the language model's attention"
         )
 
-    def vision_token_scores(self, cls_attention: torch.Tensor, layout: VisualLayout) -> torch.Tensor:
-        """(B, N) score of each visual token from the encoder's (images, L_v) [CLS] attention rows."""
+    def vision_token_scores(
+        self, cls_attention: torch.Tensor, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
+        """(B, N) score of each visual token from the encoder's (views, L_v) [CLS] attention rows (one row
+        per image the encoder saw, in batch order); `image_inputs` as for `visual_layout`."""
         raise NotImplementedError(f"the {self.name} adapter has no vision [CLS] attention")
 
 

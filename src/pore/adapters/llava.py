@@ -18,6 +18,22 @@ def llava_grid_shape(config) -> tuple[int, int]:
     return side, side
 
 
+def feature_layer_attention(tower: nn.Module, config: Any) -> tuple[nn.Module, Any]:
+    """The attention module of the CLIP encoder layer whose output the LLM reads, and the tower's config.
+
+    hidden_states[j] is the output of encoder layer j - 1 (j = 0: the embeddings), so the features of
+    `vision_feature_layer` j come out of layer j - 1, and that layer's attention is the one that shaped them.
+    """
+    layers = getattr(tower, "vision_model", tower).encoder.layers  # (older releases nest the encoder)
+    feature_layer = config.vision_feature_layer
+    if isinstance(feature_layer, (list, tuple)):
+        feature_layer = feature_layer[-1]
+    j = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
+    if not 1 <= j <= len(layers):
+        raise ValueError(f"vision_feature_layer {feature_layer} does not come out of an encoder layer")
+    return layers[j - 1].self_attn, tower.config
+
+
 @ADAPTERS.register("llava")
 class LlavaAdapter(ModelAdapter):
     name = "llava"
@@ -82,19 +98,11 @@ class LlavaAdapter(ModelAdapter):
         )
 
     def vision_scoring_attention(self) -> tuple[nn.Module, Any]:
-        tower = self.multimodal_module().vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers  # (older releases nest the encoder)
-        feature_layer = self.model.config.vision_feature_layer
-        if isinstance(feature_layer, (list, tuple)):
-            feature_layer = feature_layer[-1]
-        # hidden_states[j] is the output of encoder layer j - 1 (j = 0: the embeddings), so the features
-        # come out of layer j - 1, and that layer's attention is the one that shaped them.
-        j = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
-        if not 1 <= j <= len(layers):
-            raise ValueError(f"vision_feature_layer {feature_layer} does not come out of an encoder layer")
-        return layers[j - 1].self_attn, tower.config
+        return feature_layer_attention(self.multimodal_module().vision_tower, self.model.config)
 
-    def vision_token_scores(self, cls_attention: torch.Tensor, layout: VisualLayout) -> torch.Tensor:
+    def vision_token_scores(
+        self, cls_attention: torch.Tensor, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
         # cls_attention: (images, 1 + H * W), the images of the batch in order (sample 0's first).
         patches = cls_attention[:, 1:]  # (images, H * W) without the [CLS] key itself
         images_per_sample = layout.images_per_sample.tolist()

@@ -50,6 +50,7 @@ from torch import nn
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from pore.adapters.base import ADAPTERS, ModelAdapter, VisualLayout
+from pore.adapters.llava import feature_layer_attention
 
 PositionFrame = Literal["image", "tile"]
 POSITION_FRAMES: tuple[str, ...] = ("image", "tile")
@@ -220,6 +221,55 @@ class LlavaNextAdapter(ModelAdapter):
             follows = (index - 1)[is_newline]
             row[is_newline], col[is_newline] = row[follows], col[follows]
         return ImageTokens(part=part, row=row, col=col, grid_h=grid_h, grid_w=grid_w)
+
+    # ------------------------------------------------------------------ FasterVLM
+
+    def vision_scoring_attention(self) -> tuple[nn.Module, Any]:
+        return feature_layer_attention(self.multimodal_module().vision_tower, self.model.config)
+
+    def vision_token_scores(
+        self, cls_attention: torch.Tensor, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
+        """Each token's score: the [CLS] attention of the view (base image or tile) it was encoded in, to
+        its own patch. cls_attention: (views, 1 + S * S), every image's views in batch order."""
+        sizes = (image_inputs or {}).get("image_sizes")
+        strategy = (image_inputs or {}).get("vision_feature_select_strategy") or self.default_strategy
+        if sizes is None:
+            raise ValueError(
+                "FasterVLM on LLaVA-NeXT needs each image's size to find its tiles: pass image_sizes to the "
+                "forward, or call pruner.set_image_sizes(...) before generate() (the pipeline does)"
+            )
+        if strategy != "default":
+            raise NotImplementedError(
+                "FasterVLM on LLaVA-NeXT needs vision_feature_select_strategy='default'"
+            )
+        sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else [list(s) for s in sizes]
+        config = self.model.config
+        per_image, view_offset = [], 0
+        for height, width in sizes:
+            packed = self._packed_coordinates(int(height), int(width), strategy)  # (T, 4)
+            part, view = packed[:, 0], packed[:, 1] + 1  # view 0 = base image, 1.. = tiles
+            patch = 1 + packed[:, 2] * self.side + packed[:, 3]  # key index, after the [CLS] key
+            is_patch = part != NEWLINE
+            rows = (view_offset + view).clamp(min=0).to(cls_attention.device)
+            scores = cls_attention[rows, patch.clamp(min=0).to(cls_attention.device)]  # (T,)
+            per_image.append(torch.where(is_patch.to(scores.device), scores, torch.zeros_like(scores)))
+            view_offset += image_size_to_num_patches(
+                (height, width), config.image_grid_pinpoints, self.encoder_size
+            )
+        if view_offset != cls_attention.shape[0]:
+            raise RuntimeError(
+                f"the vision tower saw {cls_attention.shape[0]} views but the image sizes give {view_offset}"
+            )
+        scores = torch.zeros(layout.seq_index.shape, dtype=torch.float64, device=cls_attention.device)
+        first_image = 0
+        for b, images in enumerate(layout.images_per_sample.tolist()):
+            sample = (
+                torch.cat(per_image[first_image : first_image + images]) if images else scores.new_zeros(0)
+            )
+            scores[b, : sample.shape[0]] = sample.double()
+            first_image += images
+        return torch.where(layout.valid & layout.prunable, scores, torch.zeros_like(scores))
 
     # ------------------------------------------------------------------ a batch
 

@@ -308,7 +308,7 @@ class Pruner:
         if self.method.vision_attention:
             if vision_attention is None:
                 raise RuntimeError("the vision encoder did not report its [CLS] attention; no pixel_values?")
-            vision_attention = self.adapter.vision_token_scores(vision_attention, layout)
+            vision_attention = self.adapter.vision_token_scores(vision_attention, layout, image_inputs)
         self._prefill = _Prefill(
             input_ids=input_ids,
             padding_mask=padding_mask,
