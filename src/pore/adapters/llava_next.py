@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from pore import compat
 from pore.adapters.base import ADAPTERS, ModelAdapter, VisualLayout
 from pore.adapters.llava import feature_layer_attention
 
@@ -315,7 +316,7 @@ class LlavaNextAdapter(ModelAdapter):
             sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else [list(s) for s in sizes]
             strategy = image_inputs.get("vision_feature_select_strategy") or self.default_strategy
             return [self.image_tokens(int(h), int(w), strategy) for h, w in sizes]
-        encoded = (image_inputs.get("mm_encoder_outputs") or {}).get("image")
+        encoded = compat.pre_encoded_images(image_inputs)
         if encoded is not None:
             return [self._tokens_from_features(features) for features in encoded.pooler_output]
         raise ValueError(

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
 
-from pore import adapter_for
+from pore import adapter_for, compat
 from pore.pruning.engine import gather_sequence
 
 
@@ -85,7 +84,7 @@ class SequenceReducer:
     # ------------------------------------------------------------------ hooks
 
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_from(kwargs)
         # A prompt when nothing is cached yet (get_seq_length is a shape read, no device sync).
         self._prefill = cache is None or cache.get_seq_length() == 0
         self._padding = kwargs.get("attention_mask")
@@ -96,7 +95,7 @@ class SequenceReducer:
 
     def _on_first_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_from(kwargs)
         if self._prefill:
             index = self.select(hidden, kwargs)
             batch, length = hidden.shape[:2]
@@ -146,14 +145,7 @@ class SequenceReducer:
         return args, {**kwargs, **self._layer_kwargs}
 
     def _mask(self, hidden: torch.Tensor, padding: torch.Tensor, cache: Cache | None) -> Any:
-        return create_causal_mask(
-            config=self.adapter.language_model().config,
-            inputs_embeds=hidden,
-            attention_mask=padding,
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=self.layer,
-        )
+        return compat.causal_mask(self.adapter.language_model().config, hidden, padding, cache, self.layer)
 
 
 class IdealReducer(SequenceReducer):

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from pore import compat
 from pore.adapters import adapter_for
 from pore.data import Benchmark, PromptBatch
 from pore.flops import prefill_flops
@@ -93,6 +94,27 @@ class VLMEvaluator(L.LightningModule):
         visual = self.adapter.visual_token_mask(batch_inputs["input_ids"]).sum(dim=1)
         return real.expand(layers, -1), visual.expand(layers, -1)
 
+    def _check_pruned(self, inputs: dict[str, torch.Tensor], record: Any, visual: torch.Tensor) -> None:
+        """Fail the run when the pruner did not prune this batch: rows would report the unpruned model's
+        answers (or 0 visual tokens) as if they were pruned. Rows of earlier batches stay on disk."""
+        in_prompt = self.adapter.visual_token_mask(inputs["input_ids"]).sum(dim=1).cpu()  # (B,)
+        if not bool((in_prompt > 0).any()):
+            return
+        if record is None or record.visual_tokens.shape[1] != in_prompt.shape[0]:
+            raise compat.PruningTripwire(
+                f"strategy {self.strategy.name!r} prunes, but generate() left no pruning record for this "
+                f"batch"
+            )
+        before, after = visual[0].cpu(), visual[-1].cpu()
+        broken = (in_prompt > 0) & ((before == 0) | (after == 0))
+        if bool(broken.any()):
+            b = int(broken.nonzero()[0])
+            raise compat.PruningTripwire(
+                f"strategy {self.strategy.name!r} prunes, but sample {b} of the batch reports "
+                f"{int(after[b])} visual tokens kept of {int(before[b])}, while its prompt holds "
+                f"{int(in_prompt[b])} image tokens"
+            )
+
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
         rows = [failed_row(failed.question_id, failed.error) for failed in batch.failed]
         self.live_failed += len(batch.failed)
@@ -104,6 +126,7 @@ class VLMEvaluator(L.LightningModule):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         if self.pruner is not None:
             self.pruner.set_image_sizes(batch.image_sizes)
+            self.pruner.last_record = None  # a record left by the previous batch must not pass for this one
         prompt_length = inputs["input_ids"].shape[1]
 
         if self.device.type == "cuda":
@@ -125,6 +148,8 @@ class VLMEvaluator(L.LightningModule):
         ]
         lengths, visual = self._tokens_per_layer(inputs)
         record = self.pruner.last_record if self.pruner is not None else None
+        if self.pruner is not None:
+            self._check_pruned(inputs, record, visual)
         text_config = self.adapter.language_model().config
         for b, sample in enumerate(batch.samples):
             kept = None

@@ -35,8 +35,8 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
 
+from pore import compat
 from pore.adapters import ModelAdapter, VisualLayout, adapter_for
 from pore.methods import METHODS, ScoringInputs
 from pore.priors import padding_fraction
@@ -110,6 +110,7 @@ class Pruner:
     def __init__(
         self, model: nn.Module, strategy: Strategy, adapter: str | ModelAdapter | None = None
     ) -> None:
+        compat.warn_if_untested()
         self.model = model
         self.adapter = adapter if isinstance(adapter, ModelAdapter) else adapter_for(model, adapter)
         self.layers = self.adapter.decoder_layers()
@@ -254,7 +255,7 @@ class Pruner:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise ValueError("the pruner needs the VLM to call its language model with inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_from(kwargs)
         if cache is not None and not isinstance(cache, DynamicCache):
             raise NotImplementedError(
                 f"pruned layers hold fewer tokens than full ones, which needs a DynamicCache; got "
@@ -283,6 +284,14 @@ class Pruner:
             self._decoding = True
             return
 
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and bool((position_ids.reshape(-1, length) > 0).all()):
+            # Every prompt starts at position 0 (generate() gives left padding position 1): tokens that all
+            # sit further on continue a sequence whose cache the pruner was not shown.
+            raise compat.PruningTripwire(
+                "a decoding step reached the pruner as a new prompt (no KV cache was found among the "
+                f"language model's arguments {sorted(kwargs)}, but its positions do not start at 0)"
+            )
         if input_ids is None:
             raise ValueError(
                 "pass input_ids (not inputs_embeds) to the VLM so the pruner can find the image tokens"
@@ -322,7 +331,21 @@ class Pruner:
         self._sequence = None
 
     def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        prefill, decoding, pruned = self._prefill, self._decoding, self._pruned_inputs
         self._prefill, self._pruned_inputs, self._decoding = None, None, False
+        if output is None:  # the forward raised; its own error says what went wrong
+            return
+        if prefill is not None and prefill.stage < len(self.stages) and bool(prefill.layout.valid.any()):
+            layer = self.stages[prefill.stage].layer
+            raise compat.PruningTripwire(
+                f"a prompt with image tokens went through the language model without being pruned: the "
+                f"hook on decoder layer {layer} did not run (stage {prefill.stage} of {len(self.stages)})"
+            )
+        if decoding and pruned is None:
+            raise compat.PruningTripwire(
+                f"a decoding step went through the language model without the pruned layers' mask: the "
+                f"hook on decoder layer {self.stages[0].layer} did not run"
+            )
 
     def _on_scoring_attention(
         self,
@@ -510,7 +533,7 @@ class Pruner:
         else:
             # FlashAttention reads non-contiguous position ids as packed sequences; the mask says it all.
             position_ids = None
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_from(kwargs)
         layer = self.stages[stage].layer
         self._pruned_inputs = _PrunedLayerInputs(
             self._pruned_mask(pruned_hidden, pruned_padding, cache, layer), position_embeddings, position_ids
@@ -540,7 +563,7 @@ class Pruner:
         sequence = self._sequence
         layer = self.stages[stage].layer
         prompt_padding = sequence.stage_padding[stage]
-        cache = kwargs.get("past_key_values")
+        cache = compat.cache_from(kwargs)
         full_mask = self._language_model_padding_mask
         if full_mask is None:
             # The layer has not cached this step's tokens yet: it will hold its past plus the new queries.
@@ -558,14 +581,7 @@ class Pruner:
         self, hidden: torch.Tensor, padding: torch.Tensor, cache: Cache | None, layer: int
     ) -> Any:
         """The causal + padding mask of the pruned layers, in the format of the model's attention backend."""
-        return create_causal_mask(
-            config=self.adapter.language_model().config,
-            inputs_embeds=hidden,
-            attention_mask=padding,
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=layer,
-        )
+        return compat.causal_mask(self.adapter.language_model().config, hidden, padding, cache, layer)
 
     def _uses_flash_attention(self) -> bool:
         return "flash" in (self.adapter.language_model().config._attn_implementation or "")
