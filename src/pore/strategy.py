@@ -242,7 +242,7 @@ STRATEGIES.add(
     Strategy(
         name="pore_authors_sparsevlm",
         method="sparsevlm",
-        layer=2,
+        layer=3,  # SparseVLM's layer_idx == 2 scores: prune before layer 3
         keep=128,
         ratio=None,
         reweight="first",
