@@ -163,3 +163,17 @@ def test_the_authors_exponential_as_a_table_equals_the_exponential_prior(tmp_pat
     torch.testing.assert_close(from_file, exponential, rtol=1e-12, atol=0)
     strategy = build_strategy("fastv", prior={"name": "table", "path": str(path)})
     assert strategy.prior.hyperparameters() == {"path": str(path), "resample": False}
+
+
+def test_grids_of_two_sizes_in_one_call(tmp_path: Path) -> None:
+    """LLaVA-NeXT's layout: a base grid the file fits (2 x 3, as is) and a high-resolution grid of another
+    size (3 x 3, resampled over the normalised index) weighted in one call, in the file's units."""
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps([1.0, 0.8, 0.6, 0.4, 0.2, 0.0]))
+    base, high = grid(2, 3), grid(3, 3)
+    row, col, grid_h, grid_w = (torch.cat([a, b]) for a, b in zip(base, high, strict=True))
+    weights = table(path, resample=True).weights(row, col, grid_h, grid_w).tolist()
+    # 9 tokens at p = k / 8 on the 6-entry curve 1 - p: 1 - k / 8.
+    assert weights == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.0] + [1 - k / 8 for k in range(9)])
+    with pytest.raises(ValueError, match=r"but this image's grid is 3 x 3 \(9 tokens\)"):
+        table(path).weights(row, col, grid_h, grid_w)
