@@ -7,7 +7,8 @@ so a prior that decreases with `p` counteracts that recency bias before the top-
 Adding a prior is one decorated function here (and one config file): its keyword parameters become the
 strategy's `prior.<name>` settings. A prior function names the inputs it needs among `PRIOR_INPUTS`: most take
 `p` alone; the `calibrated` prior (a profile measured by `src/calibrate.py`, see `pore.calibration`) takes
-the token's `row`, `col`, `grid_h`, `grid_w`, the `position` mode and the strategy's pruning `layer`.
+the token's `row`, `col`, `grid_h`, `grid_w`, the `position` mode and the strategy's pruning `layer`; the
+`table` prior (weights read from a file, see `pore.priortable`) takes `row`, `col`, `grid_h` and `grid_w`.
 """
 
 from __future__ import annotations
@@ -119,6 +120,34 @@ def calibrated_prior(
     )
 
 
+@PRIORS.register("table")
+def table_prior(
+    row: torch.Tensor,
+    col: torch.Tensor,
+    grid_h: torch.Tensor,
+    grid_w: torch.Tensor,
+    path: str | None = None,
+    resample: bool = False,
+) -> torch.Tensor:
+    """w read from a weight file (`.npy` / `.json`): a vector over the raster index or an H x W grid.
+
+    Runs published weight files unchanged (the PoRe authors' `weight.npy` curves; see `pore.priortable`).
+    The weights are used as given (no rescaling). A grid of another size than the file's is refused with
+    both shapes in the message, unless `resample` (then: linear over the normalised raster index for a
+    vector, bilinear over normalised rows and columns for a grid). A one-token grid has nothing to rank and
+    gets weight 1 (the file is still read and checked).
+    """
+    from pore.calibration.priorfile import gather_tables
+    from pore.priortable import load_table
+
+    table = load_table(path)
+
+    def on_grid(h: int, w: int) -> torch.Tensor:
+        return torch.ones(1, 1, dtype=torch.float64) if h * w == 1 else table.on_grid(h, w, resample)
+
+    return gather_tables(row, col, grid_h, grid_w, on_grid)
+
+
 def padding_fraction(grid_h: int, grid_w: int, image_h: int, image_w: int) -> torch.Tensor:
     """Share of each grid cell's area that lies in the pad-to-square border, shape (grid_h * grid_w,).
 
@@ -158,6 +187,9 @@ class PriorConfig:
     position: str = "row"
     suppress_padding: bool = False
     pad_threshold: float = 0.5
+    # With suppress_padding: rank only the tokens that are not padding and cut the budget to their number
+    # (FastV as the PoRe authors run it), instead of filling the budget with zero-scored padding tokens.
+    budget_from_unpadded: bool = False
     params: Mapping[str, Any] = field(default_factory=dict)
     strategy_layer: int | None = None
 
@@ -195,6 +227,11 @@ class PriorConfig:
             )
         if not 0.0 <= self.pad_threshold < 1.0:
             raise ValueError(f"prior pad_threshold must be in [0, 1), got {self.pad_threshold}")
+        if self.budget_from_unpadded and not self.suppress_padding:
+            raise ValueError(
+                "prior.budget_from_unpadded cuts the budget to the tokens that padding suppression keeps; "
+                "set strategy.prior.suppress_padding=true as well (or budget_from_unpadded=false)"
+            )
         # Evaluating the prior once checks its hyperparameters with the prior's own message.
         one = torch.ones(1, dtype=torch.long)
         self.weights(one - 1, one - 1, one, one)

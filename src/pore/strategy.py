@@ -208,6 +208,48 @@ for _method, _settings in (("pdrop", PDROP), ("sparsevlm", {})):
         _name = f"pore_{_method}_{_form}"
         STRATEGIES.add(_name, Strategy(name=_name, method=_method, prior=_prior, **_settings))
 
+# PoRe as its authors run it (intcomp/attention-bias, tag=after; docs/pore_presets.md): exponential weights
+# over the raster index at the first stage only, padding suppression with each method's threshold, and for
+# FastV the budget cut to the tokens that are not padding. The config files add a per-benchmark sigma table.
+_AUTHORS_PRIOR = {"name": "exponential", "position": "index", "suppress_padding": True}
+STRATEGIES.add(
+    "pore_authors_fastv",
+    Strategy(
+        name="pore_authors_fastv",
+        method="fastv",
+        layer=2,
+        keep=128,
+        ratio=None,
+        reweight="first",
+        prior=PriorConfig(
+            **_AUTHORS_PRIOR, pad_threshold=0.5, budget_from_unpadded=True, params={"sigma": 0.98}
+        ),
+    ),
+)
+STRATEGIES.add(
+    "pore_authors_pdrop",
+    Strategy(
+        name="pore_authors_pdrop",
+        method="pdrop",
+        layer=(2, 10, 20),
+        ratio=(0.32, 0.16, 0.08),
+        reweight="first",
+        prior=PriorConfig(**_AUTHORS_PRIOR, pad_threshold=0.01, params={"sigma": 1.915}),
+    ),
+)
+STRATEGIES.add(
+    "pore_authors_sparsevlm",
+    Strategy(
+        name="pore_authors_sparsevlm",
+        method="sparsevlm",
+        layer=3,  # SparseVLM's layer_idx == 2 scores: prune before layer 3
+        keep=128,
+        ratio=None,
+        reweight="first",
+        prior=PriorConfig(**_AUTHORS_PRIOR, pad_threshold=0.5, params={"sigma": 1.995}),
+    ),
+)
+
 
 def build_strategy(name: str, **overrides: Any) -> Strategy:
     """A predefined strategy with some settings changed, e.g. `build_strategy("pore_linear", keep=64)`."""

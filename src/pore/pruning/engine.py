@@ -433,15 +433,23 @@ class Pruner:
         layout = inputs.layout
         settings = self.stages[stage]
         scores = self.method.score(inputs)
+        prior = self.strategy.prior
+        cut_to_unpadded = prior.suppress_padding and prior.budget_from_unpadded
+        not_padding = None  # (B, N) 1 = not padding, 0 = padding (when padding suppression is on)
+        if prior.suppress_padding and (settings.reweight or cut_to_unpadded):
+            not_padding = self._padding_weights(layout)
         if settings.reweight:
-            weights = self.strategy.prior.weights(layout.row, layout.col, layout.grid_h, layout.grid_w)
-            if self.strategy.prior.suppress_padding:
-                weights = weights * self._padding_weights(layout)
+            weights = prior.weights(layout.row, layout.col, layout.grid_h, layout.grid_w)
+            if not_padding is not None:
+                weights = weights * not_padding
             scores = scores * weights.to(scores.device)
         weighted = scores  # (B, N)
 
         prunable = layout.valid & layout.prunable  # (B, N)
         candidates = inputs.candidates()  # (B, N)
+        # The PoRe authors' FastV: only tokens that are not padding compete, and the budget is cut to their
+        # number (at every stage, so that a later stage never asks for the padding dropped here).
+        ranked_among = candidates & (not_padding > 0).to(candidates.device) if cut_to_unpadded else candidates
         kept = layout.valid & ~layout.prunable  # never-prunable tokens stay
         n_slots = weighted.shape[1]
         slot = torch.arange(n_slots, device=weighted.device)
@@ -456,8 +464,14 @@ class Pruner:
                 [settings.budget(int(n)) if int(n) > 0 else 0 for n in original.tolist()],
                 device=weighted.device,
             )
-            if bool((budget > count).any()):
-                largest = int(count.max())
+            limit = count
+            if cut_to_unpadded and stage > 0:  # the cut may have left fewer tokens: check the budgets' order
+                limit = torch.tensor(
+                    [self.stages[stage - 1].budget(int(n)) if int(n) > 0 else 0 for n in original.tolist()],
+                    device=weighted.device,
+                )
+            if bool((budget > limit).any()):
+                largest = int(limit.max())
                 if stage == 0:
                     raise ValueError(
                         f"strategy.keep={settings.keep} is larger than the {largest} prunable image tokens "
@@ -468,6 +482,8 @@ class Pruner:
                     f"{int(budget.max())} tokens of an image that has {largest} left after the previous "
                     f"stage; budgets must not grow from stage to stage"
                 )
+            if cut_to_unpadded:  # rank the unpadded only: fewer of them than the budget cuts the budget
+                in_image = ranked_among & (layout.image_index == image)  # (B, N)
             ranked = torch.where(in_image, weighted, torch.full_like(weighted, float("-inf")))
             # A stable descending sort breaks ties towards the earlier token, so the choice is reproducible.
             order = torch.sort(ranked, dim=1, descending=True, stable=True).indices  # (B, N)
