@@ -47,10 +47,11 @@ def staged_reference_logits(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor,
     stages: list[tuple[int, list[int], Transform | None]],
+    compact: bool = False,
 ) -> torch.Tensor:
     """Logits of one unpadded sample run layer by layer; before each stage's layer only the prompt
-    positions it lists stay (they keep their RoPE positions), after an optional transform of the hidden
-    states."""
+    positions it lists stay, after an optional transform of the hidden states. They keep their RoPE
+    positions, or with `compact` are renumbered 0..L'-1 (cos / sin recomputed for the new positions)."""
     language_model = model.model.language_model
     with torch.no_grad():
         hidden = merged_embeddings(model, input_ids, pixel_values)
@@ -70,6 +71,8 @@ def staged_reference_logits(
                     sin[:, select],
                     positions[select],
                 )
+                if compact:
+                    cos, sin = language_model.rotary_emb(hidden, torch.arange(len(select))[None])
                 mask = create_causal_mask(language_model.config, hidden, None, None, None)
             hidden = decoder_layer(
                 hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions[None]
@@ -91,7 +94,7 @@ def test_pdrop_stages_follow_the_attention_of_the_shortened_sequence() -> None:
     sequence, read from an eager forward of the model pruned by stage 1 alone."""
     model = build_tiny_llava("eager")
     input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
-    strategy = build_strategy("pdrop", layer=[1, 3], ratio=[0.5, 0.25])
+    strategy = build_strategy("pdrop", layer=[1, 3], ratio=[0.5, 0.25], positions="original")
     with torch.no_grad(), Pruner(model, strategy) as pruner:
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
     record = pruner.last_record
@@ -156,14 +159,13 @@ def test_padded_batch_equals_single_samples(method: str) -> None:
             assert alone[0].tolist() == batch[b].tolist()
 
 
-def test_pdrop_cached_generation_equals_recomputing_without_cache() -> None:
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_pdrop_cached_generation_equals_recomputing_without_cache(positions: str) -> None:
     model = build_tiny_llava()
     input_ids, pixel_values = single(PROMPTS[1]), pixels(1, seed=3)
     new_tokens = 6
-    with (
-        torch.no_grad(),
-        Pruner(model, build_strategy("pore_pdrop_exponential", layer=[1, 3], ratio=[0.5, 0.25])) as pruner,
-    ):
+    strategy = build_strategy("pore_pdrop_exponential", layer=[1, 3], ratio=[0.5, 0.25], positions=positions)
+    with torch.no_grad(), Pruner(model, strategy) as pruner:
         cached = model.generate(
             input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=new_tokens, do_sample=False
         )[0, input_ids.shape[1] :].tolist()
@@ -178,7 +180,8 @@ def test_pdrop_cached_generation_equals_recomputing_without_cache() -> None:
             (layer, kept_positions(input_ids, raster) + new, None)
             for layer, raster in zip([1, 3], stage_raster, strict=True)
         ]
-        token = int(staged_reference_logits(model, sequence, pixel_values, stages)[0, -1].argmax())
+        logits = staged_reference_logits(model, sequence, pixel_values, stages, positions == "compact")
+        token = int(logits[0, -1].argmax())
         recomputed.append(token)
         sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
     assert cached == recomputed
@@ -348,7 +351,8 @@ def test_pool_average_carries_the_mean_of_each_window() -> None:
 @pytest.mark.parametrize("strategy", ["pool_average", "fastervlm"])
 def test_pruning_before_the_language_model_generates_like_the_shortened_prompt(strategy: str) -> None:
     """K = 0: no decoder layer sees the dropped tokens; cached generation == recomputing by hand, with the
-    kept tokens at their original positions and new tokens after the full prompt."""
+    kept tokens at their original positions and new tokens after the full prompt (pooling), or the kept
+    sequence renumbered 0..L'-1 and new tokens after it (FasterVLM, as its official code)."""
     model = build_tiny_llava()
     input_ids, pixel_values = single(PROMPTS[0]), pixels(1, seed=5)
     new_tokens = 5
@@ -382,7 +386,9 @@ def test_pruning_before_the_language_model_generates_like_the_shortened_prompt(s
     sequence, recomputed = input_ids, []
     for _ in range(new_tokens):
         kept = kept_positions(input_ids, kept_raster) + list(range(input_ids.shape[1], sequence.shape[1]))
-        logits = staged_reference_logits(model, sequence, pixel_values, [(0, kept, average)])
+        # FasterVLM removes the tokens before the LLM (official: compact positions); pooling keeps them.
+        compact = strategy == "fastervlm"
+        logits = staged_reference_logits(model, sequence, pixel_values, [(0, kept, average)], compact)
         token = int(logits[0, -1].argmax())
         recomputed.append(token)
         sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)

@@ -5,6 +5,11 @@ The names of the fields are the config keys that users and sweeps set: `strategy
 
 Multi-stage methods (PyramidDrop) give lists: `strategy.layer=[8,16,24] strategy.ratio=[0.5,0.25,0.125]`
 prunes before layers 8, 16 and 24, keeping 50 / 25 / 12.5 % of each image's tokens from there on.
+
+`strategy.positions` says which RoPE positions the kept tokens get: `original` (their place in the unpruned
+prompt, FastV's mask-based pruning), `compact` (0..L'-1 over the kept sequence, and decoding continues from
+the compacted length: what PyramidDrop, SparseVLM and FasterVLM do by removing the tokens), or `official`
+(default): the method's own choice (`PruningMethod.official_positions`; docs/methods.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pore.calibration.priorfile import embedded_prior_path
 from pore.methods import METHODS
 from pore.priors import PriorConfig
 from pore.registry import Registry
+
+POSITIONS = ("official", "original", "compact")
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class Strategy:
     reweight: Literal["all", "first"] = "all"
     options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
+    positions: Literal["official", "original", "compact"] = "official"
 
     def __post_init__(self) -> None:
         for key in ("layer", "keep", "ratio"):
@@ -120,6 +128,10 @@ class Strategy:
         method.check_options(self.options)
         if not self.prunes:
             return self
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"strategy.positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}"
+            )
         if self.reweight not in ("all", "first"):
             raise ValueError(f"strategy.reweight must be 'all' or 'first', got {self.reweight!r}")
         layers = self.layers
@@ -161,6 +173,12 @@ class Strategy:
     def budget(self, tokens_in_image: int) -> int:
         """How many of an image's `tokens_in_image` prunable tokens the first stage keeps."""
         return self.stages()[0].budget(tokens_in_image)
+
+    def resolved_positions(self) -> Literal["original", "compact"]:
+        """`positions` with `official` replaced by the method's own choice."""
+        if self.positions == "official":
+            return METHODS.get(self.method).official_positions
+        return self.positions
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")

@@ -62,6 +62,9 @@ class ModelAdapter(ABC):
     #: whether the family pads images to a square before encoding (LLaVA-1.5); `prior.suppress_padding`
     #: only makes sense then
     pads_to_square: bool = False
+    #: whether the language model uses 3-D M-RoPE positions (Qwen2-VL), which `strategy.positions=compact`
+    #: cannot renumber
+    multimodal_rope: bool = False
 
     @classmethod
     @abstractmethod

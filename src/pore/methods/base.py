@@ -69,6 +69,12 @@ class PruningMethod(ABC):
     vision_attention: ClassVar[bool] = False
     #: whether the method drops anything at all (`none` does not, and leaves the model untouched)
     prunes: ClassVar[bool] = True
+    #: the RoPE positions the method's official code gives the kept tokens (`strategy.positions=official`):
+    #: "original" (masking: FastV) or "compact" (the tokens are removed: 0..L'-1, decoding continues from L')
+    official_positions: ClassVar[Literal["original", "compact"]] = "original"
+    #: whether the attention rows come from layer K itself (its input norm + q/k projections applied to its
+    #: input, PyramidDrop's official scoring) instead of layer K-1's attention; set per instance
+    scores_in_own_layer: bool = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

@@ -16,6 +16,7 @@ from pore.methods.base import METHODS, PruningMethod, ScoringInputs
 
 @METHODS.register("fastervlm")
 class FasterVLM(PruningMethod):
+    official_positions = "compact"  # the official code removes the tokens (docs/methods.md)
     vision_attention = True
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:

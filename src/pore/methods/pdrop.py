@@ -16,6 +16,7 @@ from pore.methods.base import METHODS, PruningMethod, ScoringInputs
 
 @METHODS.register("pdrop")
 class PyramidDrop(PruningMethod):
+    official_positions = "compact"  # the official code removes the tokens (docs/methods.md)
     attention_queries = "last"
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pore.methods.base import METHODS, PruningMethod, ScoringInputs
 
 @METHODS.register("sparsevlm")
 class SparseVLM(PruningMethod):
+    official_positions = "compact"  # the official code removes the tokens (docs/methods.md)
     attention_queries = "text"
 
     def __init__(self, seed: int = 0, merge: bool = False) -> None:

@@ -21,6 +21,14 @@ Layers below the first K therefore cache every token, each stage's layers only w
 rebuilds that stage's mask from its pruned prompt mask plus the new tokens' mask; RoPE positions come from
 the full layers, so new tokens get their true positions.
 
+Positions (`strategy.positions`, resolved per method): `original` keeps each token's RoPE position as above;
+`compact` renumbers the kept sequence: a kept token's position drops by the number of real tokens removed
+before it (0..L'-1 for positions counted from each sample's first real token, as generate() does under left
+padding), the (cos, sin) of the kept tokens are recomputed with the language model's own rotary embedding,
+and at decoding steps each stage's layers see the new tokens' positions minus the tokens that stage removed,
+so decoding continues from the compacted length (PyramidDrop's, SparseVLM's and FasterVLM's official
+behaviour). 3-D M-RoPE models (Qwen2-VL) keep `original` (see `_resolve_positions`).
+
 The forward's outputs (logits, hidden states) cover the kept sequence: text tokens plus kept image tokens in
 their original order. What each prefill did is in `Pruner.last_record`.
 """
@@ -64,6 +72,8 @@ class _Prefill:
     last_token_attention: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None
+    # (B, L_cur) long: RoPE positions of the current sequence (kept only for strategy.positions=compact)
+    current_positions: torch.Tensor | None = None
     stage: int = 0  # the next stage to run
     stage_kept: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) bool
     stage_scores: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) float64
@@ -85,6 +95,8 @@ class _Sequence:
     prompt_length: int  # L, tokens of the prompt in the full layers
     stage_padding: list[torch.Tensor]  # per stage (B, L_s) bool: real tokens among the pruned prompt's slots
     cache: Cache | None
+    # per stage (B,) long: real prompt tokens removed up to that stage (the decoding shift of `compact`)
+    stage_removed: list[torch.Tensor] = field(default_factory=list)
 
 
 def gather_sequence(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -121,6 +133,7 @@ class Pruner:
                 f"prior.suppress_padding drops tokens of the pad-to-square border, but {self.adapter.name} "
                 f"models do not pad images to a square; set strategy.prior.suppress_padding=false"
             )
+        self.positions = self._resolve_positions()
         self.last_record: PruningRecord | None = None
         self._image_sizes: list[list[tuple[int, int]]] | None = None
         self._handles: list[Any] = []
@@ -149,6 +162,14 @@ class Pruner:
         if other is not None and other is not self:
             raise RuntimeError("another Pruner is attached to this model; detach it first")
         _ATTACHED[self.model] = self
+        try:
+            self._install_hooks()
+        except BaseException:
+            self.detach()  # a half-attached pruner (e.g. an unsupported method) must not stay registered
+            raise
+        return self
+
+    def _install_hooks(self) -> None:
         language_model = self.adapter.language_model()
         self._handles = [
             self.adapter.multimodal_module().register_forward_pre_hook(self._on_multimodal, with_kwargs=True),
@@ -173,7 +194,6 @@ class Pruner:
             self._use_scoring_attention(config)
             scoring.watch(module, self._on_vision_attention)
             self._watched.append(module)
-        return self
 
     def detach(self) -> None:
         if _ATTACHED.get(self.model) is self:
@@ -226,6 +246,25 @@ class Pruner:
                 f"pruning supports language models whose layers all use full attention; this one has "
                 f"{sorted(set(layer_types))}"
             )
+
+    def _resolve_positions(self) -> str:
+        """`strategy.positions` for this model: `official` becomes the method's own choice.
+
+        Qwen2-VL's 3-D M-RoPE gives image tokens (t, row, col) positions and the text after an image the
+        largest of them + 1; no official code of these methods compacts such positions, and renumbering
+        them would break the 2-D layout the model was trained with, so `official` keeps the original
+        positions there and an explicit `compact` is refused.
+        """
+        wanted = self.strategy.resolved_positions()
+        if wanted == "compact" and getattr(self.adapter, "multimodal_rope", False):
+            if self.strategy.positions == "compact":
+                raise ValueError(
+                    f"strategy.positions=compact renumbers 1-D RoPE positions, but {self.adapter.name} "
+                    f"models use 3-D M-RoPE positions that cannot be compacted; use strategy.positions="
+                    f"original (or official, which keeps them for this family)"
+                )
+            return "original"
+        return wanted
 
     # ------------------------------------------------------------------ hooks
 
@@ -497,19 +536,24 @@ class Pruner:
         pruned_padding = prefill.current_padding.gather(1, order) & slot_is_kept  # (B, L')
 
         pruned_hidden = gather_sequence(hidden, order, seq_dim=1)  # (B, L', D)
-        # Later stages gather from what the previous stage handed its layers, not from the full sequence.
-        source = self._pruned_inputs if stage > 0 else None
-        cos, sin = source.position_embeddings if source is not None else kwargs["position_embeddings"]
-        position_embeddings = (
-            gather_sequence(cos, order, seq_dim=cos.dim() - 2),
-            gather_sequence(sin, order, seq_dim=sin.dim() - 2),
-        )
-        position_ids = source.position_ids if source is not None else kwargs.get("position_ids")
-        if position_ids is not None and not self._uses_flash_attention():
-            position_ids = gather_sequence(position_ids, order, seq_dim=position_ids.dim() - 1)
+        if self.positions == "compact":
+            position_embeddings, position_ids = self._compact_positions(
+                stage, prefill, kwargs, pruned_hidden, keep, order
+            )
         else:
-            # FlashAttention reads non-contiguous position ids as packed sequences; the mask says it all.
-            position_ids = None
+            # Later stages gather from what the previous stage handed its layers, not from the full sequence.
+            source = self._pruned_inputs if stage > 0 else None
+            cos, sin = source.position_embeddings if source is not None else kwargs["position_embeddings"]
+            position_embeddings = (
+                gather_sequence(cos, order, seq_dim=cos.dim() - 2),
+                gather_sequence(sin, order, seq_dim=sin.dim() - 2),
+            )
+            position_ids = source.position_ids if source is not None else kwargs.get("position_ids")
+            if position_ids is not None and not self._uses_flash_attention():
+                position_ids = gather_sequence(position_ids, order, seq_dim=position_ids.dim() - 1)
+            else:
+                # FlashAttention reads non-contiguous position ids as packed sequences; the mask says it all.
+                position_ids = None
         cache = kwargs.get("past_key_values")
         layer = self.stages[stage].layer
         self._pruned_inputs = _PrunedLayerInputs(
@@ -531,6 +575,8 @@ class Pruner:
         if stage == 0:
             self._sequence = _Sequence(prefill.input_ids.shape[1], [], cache)
         self._sequence.stage_padding.append(pruned_padding)
+        removed = prefill.padding_mask.sum(dim=1) - pruned_padding.sum(dim=1)  # (B,) real tokens removed
+        self._sequence.stage_removed.append(removed)
         if stage == len(self.stages) - 1:
             self._record(prefill)
         return pruned_hidden
@@ -550,9 +596,55 @@ class Pruner:
         else:
             new_mask = full_mask[:, sequence.prompt_length :].bool()
         padding = torch.cat([prompt_padding, new_mask], dim=1)
-        return _PrunedLayerInputs(
-            self._pruned_mask(hidden, padding, cache, layer), None, kwargs.get("position_ids")
-        )
+        mask = self._pruned_mask(hidden, padding, cache, layer)
+        if self.positions == "compact":
+            return _PrunedLayerInputs(mask, *self._compact_decoding_positions(stage, hidden, kwargs))
+        return _PrunedLayerInputs(mask, None, kwargs.get("position_ids"))
+
+    # ------------------------------------------------------------------ compact positions
+
+    def _compact_positions(
+        self,
+        stage: int,
+        prefill: _Prefill,
+        kwargs: dict,
+        pruned_hidden: torch.Tensor,
+        keep: torch.Tensor,
+        order: torch.Tensor,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """(cos, sin) and position ids of the kept slots `order` (B, L') when the kept sequence is renumbered:
+        each kept token's position drops by the number of real tokens this stage removes before it."""
+        current = prefill.current_positions
+        if current is None:  # the full layers' positions (the language model always hands them on)
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None or position_ids.dim() != 2:
+                raise NotImplementedError(
+                    "strategy.positions=compact needs the language model to hand its decoder layers 1-D "
+                    "position ids (batch, length); use strategy.positions=original"
+                )
+            current = position_ids.expand(keep.shape[0], -1)
+        removed = prefill.current_padding & ~keep  # (B, L_cur) real tokens this stage drops
+        removed_before = torch.cumsum(removed.long(), dim=1).gather(1, order)  # (B, L')
+        positions = current.gather(1, order) - removed_before  # (B, L')
+        prefill.current_positions = positions
+        cos, sin = self.adapter.language_model().rotary_emb(pruned_hidden, positions)
+        # FlashAttention reads position ids that restart in a row as packed sequences; the mask says it all.
+        return (cos, sin), (None if self._uses_flash_attention() else positions)
+
+    def _compact_decoding_positions(
+        self, stage: int, hidden: torch.Tensor, kwargs: dict
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(cos, sin) and position ids of a decoding step's new tokens in a compacted stage: their position in
+        the full layers minus the real prompt tokens the stages so far removed."""
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None or position_ids.dim() != 2:
+            raise NotImplementedError(
+                "strategy.positions=compact needs 1-D position ids at decoding steps; use "
+                "strategy.positions=original"
+            )
+        removed = self._sequence.stage_removed[stage].to(position_ids.device)  # (B,)
+        positions = position_ids.expand(hidden.shape[0], -1) - removed[:, None]  # (B, T)
+        return self.adapter.language_model().rotary_emb(hidden, positions), positions
 
     def _pruned_mask(
         self, hidden: torch.Tensor, padding: torch.Tensor, cache: Cache | None, layer: int
