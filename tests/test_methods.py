@@ -94,7 +94,13 @@ def test_pdrop_stages_follow_the_attention_of_the_shortened_sequence() -> None:
     sequence, read from an eager forward of the model pruned by stage 1 alone."""
     model = build_tiny_llava("eager")
     input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
-    strategy = build_strategy("pdrop", layer=[1, 3], ratio=[0.5, 0.25], positions="original")
+    strategy = build_strategy(
+        "pdrop",
+        layer=[1, 3],
+        ratio=[0.5, 0.25],
+        positions="original",
+        options={"score_from": "previous_layer"},
+    )
     with torch.no_grad(), Pruner(model, strategy) as pruner:
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
     record = pruner.last_record
@@ -121,6 +127,75 @@ def test_pdrop_stages_follow_the_attention_of_the_shortened_sequence() -> None:
         input_ids,
         pixel_values,
         [(1, kept_positions(input_ids, first), None), (3, kept_positions(input_ids, stage_raster[1]), None)],
+    )
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+
+
+def own_layer_last_token_attention(model, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    """(L,) the official PyramidDrop score, by hand: layer `layer`'s input norm and q / k projections on its
+    input `hidden` (1, L, D), RoPE at positions 0..L-1 (rotate-half written out), the last query's softmax
+    attention over all keys (it sees them all under the causal mask), mean over heads."""
+    language_model = model.model.language_model
+    decoder_layer = language_model.layers[layer]
+    attention = decoder_layer.self_attn
+    config = language_model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    length = hidden.shape[1]
+    normed = decoder_layer.input_layernorm(hidden)
+    query = attention.q_proj(normed).view(length, heads, head_dim).transpose(0, 1)  # (H, L, d)
+    key = attention.k_proj(normed).view(length, kv_heads, head_dim).transpose(0, 1)  # (H_kv, L, d)
+    key = key.repeat_interleave(heads // kv_heads, dim=0)  # (H, L, d)
+    cos, sin = language_model.rotary_emb(hidden, torch.arange(length)[None])
+    cos, sin = cos[0], sin[0]  # (L, d)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    query, key = rotate(query), rotate(key)
+    logits = (query[:, -1:] @ key.transpose(1, 2)).double() / head_dim**0.5  # (H, 1, L)
+    return logits.softmax(dim=-1)[:, 0].mean(dim=0)  # (L,)
+
+
+def test_pdrop_scores_each_stage_with_its_own_layer_norm_and_projections() -> None:
+    """Official PyramidDrop: stage 1 (before layer 1) ranks the image by layer 1's own q / k of layer 1's
+    input; stage 2 (before layer 3) by layer 3's q / k of its input, the sequence stage 1 left, renumbered
+    0..L'-1. The pruned forward then equals the by-hand run with compact positions."""
+    model = build_tiny_llava()
+    input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
+    with torch.no_grad(), Pruner(model, build_strategy("pdrop", layer=[1, 3], ratio=[0.5, 0.25])) as pruner:
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+    record = pruner.last_record
+    stage_raster = [sorted(kept[0].nonzero().flatten().tolist()) for kept in record.stage_kept]
+    images = image_positions(input_ids)
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True)
+        first_scores = own_layer_last_token_attention(model, hidden.hidden_states[1], 1)[images]
+    first = top_k(first_scores, 18)
+    assert stage_raster[0] == first
+    # The stage-2 input: the model pruned by stage 1 alone, whose layers 1.. run on the compacted sequence.
+    with torch.no_grad(), Pruner(model, build_strategy("pdrop", layer=1, keep=18, ratio=None)) as alone:
+        hidden = model(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True)
+    assert alone.last_record.kept_raster == [[first]]
+    survivors = kept_positions(input_ids, first)
+    slots = [survivors.index(images[r]) for r in first]
+    with torch.no_grad():
+        second_scores = own_layer_last_token_attention(model, hidden.hidden_states[3], 3)[slots]
+    assert stage_raster[1] == [first[i] for i in top_k(second_scores, 9)]
+    # The layer-K-1 attention (options.score_from=previous_layer) ranks differently on this model.
+    previous = build_strategy(
+        "pdrop", layer=[1, 3], ratio=[0.5, 0.25], options={"score_from": "previous_layer"}
+    )
+    with torch.no_grad(), Pruner(model, previous) as other:
+        model(input_ids=input_ids, pixel_values=pixel_values)
+    assert [sorted(k[0].nonzero().flatten().tolist()) for k in other.last_record.stage_kept] != stage_raster
+    reference = staged_reference_logits(
+        model,
+        input_ids,
+        pixel_values,
+        [(1, kept_positions(input_ids, first), None), (3, kept_positions(input_ids, stage_raster[1]), None)],
+        compact=True,
     )
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
 

@@ -212,7 +212,8 @@ STRATEGIES.add(
 LINEAR = PriorConfig("linear", params={"alpha": 0.6})
 EXPONENTIAL = PriorConfig("exponential", params={"sigma": 0.95})
 # PyramidDrop's published schedule for 32-layer LLMs: before layers 8 / 16 / 24, keep 50 / 25 / 12.5 %.
-PDROP = {"layer": (8, 16, 24), "ratio": (0.5, 0.25, 0.125)}
+# Scored, as the official code, with layer K's own norm + q / k projections on layer K's input.
+PDROP = {"layer": (8, 16, 24), "ratio": (0.5, 0.25, 0.125), "options": {"score_from": "own_layer"}}
 STRATEGIES.add("pdrop", Strategy(name="pdrop", method="pdrop", **PDROP))
 STRATEGIES.add("sparsevlm", Strategy(name="sparsevlm", method="sparsevlm"))
 # FasterVLM and pooling decide from the image alone, so they prune before the language model, as published.

@@ -9,7 +9,9 @@ several for PyramidDrop):
    the 2-D padding mask.
 3. In layer K-1, the scoring attention wrapper (`pore.pruning.attention`) computes the rows of attention
    the method needs (the last prompt token's, or the text tokens') from the query/key states, while SDPA /
-   FlashAttention / eager runs unchanged. FasterVLM's [CLS] row is caught the same way in the vision tower.
+   FlashAttention / eager runs unchanged (PyramidDrop's official `score_from=own_layer`: in an extra
+   no-cache call of layer K's own input norm + attention module on layer K's input, by the layer-K hook).
+   FasterVLM's [CLS] row is caught the same way in the vision tower.
 4. A forward pre-hook on decoder layer K scores the visual tokens still in the sequence (method x prior),
    keeps the top `keep` of each image, lets the method rewrite the kept hidden states (pooling, merging),
    gathers the hidden states, RoPE embeddings and position ids of the kept tokens (which keep their
@@ -186,7 +188,8 @@ class Pruner:
         if self.method.needs_attention:
             self._use_scoring_attention(language_model.config)
             for index, stage in enumerate(self.stages):
-                module = self.adapter.attention_module(self.layers[stage.layer - 1])
+                scoring_layer = stage.layer if self.method.scores_in_own_layer else stage.layer - 1
+                module = self.adapter.attention_module(self.layers[scoring_layer])
                 scoring.watch(module, partial(self._on_scoring_attention, index))
                 self._watched.append(module)
         if self.method.vision_attention:
@@ -395,6 +398,8 @@ class Pruner:
     ) -> tuple[tuple, dict] | None:
         if self._prefill is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
+            if self.method.scores_in_own_layer:
+                self._score_in_own_layer(module, hidden, args, kwargs)
             hidden = self._prune_prompt(stage, hidden, kwargs)
             args, kwargs = (
                 ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
@@ -403,6 +408,26 @@ class Pruner:
             hidden = args[0] if args else kwargs["hidden_states"]
             self._pruned_inputs = self._decoding_inputs(stage, hidden, kwargs)
         return self._on_pruned_layer(module, args, kwargs) or (args, kwargs)
+
+    def _score_in_own_layer(self, layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """PyramidDrop's official scoring: run layer K's own input norm and attention module on layer K's
+        input (the current sequence, before this stage prunes it), without the cache, so that the watched
+        attention reports the last prompt token's row; the output is discarded."""
+        norm = getattr(layer, "input_layernorm", None)
+        if norm is None:
+            raise NotImplementedError(
+                f"options.score_from=own_layer needs decoder layers with an input_layernorm; "
+                f"{type(layer).__name__} has none (use options.score_from=previous_layer)"
+            )
+        # What the layer receives for the current sequence: after an earlier stage, that stage's inputs.
+        _, layer_kwargs = self._on_pruned_layer(layer, args, kwargs) or (args, kwargs)
+        self.adapter.attention_module(layer)(
+            hidden_states=norm(hidden),
+            attention_mask=layer_kwargs.get("attention_mask"),
+            position_embeddings=layer_kwargs["position_embeddings"],
+            position_ids=layer_kwargs.get("position_ids"),
+            past_key_values=None,
+        )
 
     def _on_pruned_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         pruned = self._pruned_inputs
@@ -427,8 +452,8 @@ class Pruner:
             method.attention_queries == "text" and prefill.text_attention is None
         ):
             raise RuntimeError(
-                f"layer {self.stages[stage].layer - 1} did not report its attention; is the model's forward "
-                f"hooked?"
+                f"layer {self.stages[stage].layer - (0 if method.scores_in_own_layer else 1)} did not report "
+                f"its attention; is the model's forward hooked?"
             )
         current = VisualLayout(**{**vars(layout), "seq_index": prefill.position})
         return ScoringInputs(
