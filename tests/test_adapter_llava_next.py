@@ -392,9 +392,19 @@ OTHER_METHODS = {
     "pdrop": lambda ratio, prior: build_strategy(
         "pdrop", layer=[1, 2, 3], keep=None, ratio=[ratio, ratio / 2, ratio / 4], prior=prior
     ),
-    "sparsevlm": lambda ratio, prior: build_strategy("sparsevlm", keep=None, ratio=ratio, prior=prior),
+    "sparsevlm": lambda ratio, prior: build_strategy(
+        "sparsevlm", layer=2, keep=None, ratio=ratio, prior=prior
+    ),
     "sparsevlm_merge": lambda ratio, prior: build_strategy(
-        "sparsevlm", keep=None, ratio=ratio, prior=prior, options={"merge": True}
+        "sparsevlm", layer=2, keep=None, ratio=ratio, prior=prior, options={"merge": True}
+    ),
+    "sparsevlm_cluster": lambda ratio, prior: build_strategy(
+        "sparsevlm",
+        layer=[1, 3],
+        keep=None,
+        ratio=[ratio, ratio / 2],
+        prior=prior,
+        options={"recycle": "cluster"},
     ),
     "pool": lambda ratio, prior: build_strategy("pool", keep=None, ratio=ratio),
     "pool_average": lambda ratio, prior: build_strategy("pool_average", keep=None, ratio=ratio),

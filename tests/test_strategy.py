@@ -97,6 +97,8 @@ def test_bad_stage_settings_raise(settings: dict, message: str) -> None:
 
 
 def test_method_options_are_checked() -> None:
-    with pytest.raises(ValueError, match=r"unknown strategy.options \['merg'\].*valid options: merge"):
+    with pytest.raises(
+        ValueError, match=r"unknown strategy.options \['merg'\].*valid options: raters, recycle, merge"
+    ):
         build_strategy("sparsevlm", options={"merg": True}).validate()
     build_strategy("sparsevlm", options={"merge": True}).validate()

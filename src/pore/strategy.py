@@ -215,7 +215,27 @@ EXPONENTIAL = PriorConfig("exponential", params={"sigma": 0.95})
 # Scored, as the official code, with layer K's own norm + q / k projections on layer K's input.
 PDROP = {"layer": (8, 16, 24), "ratio": (0.5, 0.25, 0.125), "options": {"score_from": "own_layer"}}
 STRATEGIES.add("pdrop", Strategy(name="pdrop", method="pdrop", **PDROP))
-STRATEGIES.add("sparsevlm", Strategy(name="sparsevlm", method="sparsevlm"))
+# SparseVLM's official v1 schedule for LLaVA-1.5 (32 layers): scored in layers 2 / 6 / 15 and pruned right
+# after them (K = 3 / 7 / 16), keeping its budget table for 192 / 128 / 96 / 64 tokens on average
+# (Gumpest/SparseVLMs llava/model/language_model/score.py, USE_VERSION=1_0), raters from the embeddings.
+SPARSEVLM_LAYERS = (3, 7, 16)
+SPARSEVLM_BUDGETS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+SPARSEVLM = {
+    "layer": SPARSEVLM_LAYERS,
+    "keep": SPARSEVLM_BUDGETS[192],
+    "ratio": None,
+    "options": {"raters": "official", "recycle": "none"},
+}
+STRATEGIES.add("sparsevlm", Strategy(name="sparsevlm", method="sparsevlm", **SPARSEVLM))
+for _average in (128, 96, 64):
+    STRATEGIES.add(
+        f"sparsevlm_{_average}",
+        Strategy(
+            name=f"sparsevlm_{_average}",
+            method="sparsevlm",
+            **{**SPARSEVLM, "keep": SPARSEVLM_BUDGETS[_average]},
+        ),
+    )
 # FasterVLM and pooling decide from the image alone, so they prune before the language model, as published.
 STRATEGIES.add("fastervlm", Strategy(name="fastervlm", method="fastervlm", layer=0))
 STRATEGIES.add("pool", Strategy(name="pool", method="pool", layer=0))

@@ -51,6 +51,14 @@ class ScoringInputs:
     text_valid: torch.Tensor | None = None  # (B, Q) bool: real text query (not padding of the Q axis)
     # (B, N) the vision encoder's [CLS] attention to each visual token's patch (0 for tokens without one).
     vision_attention: torch.Tensor | None = None
+    # (B, Q) long: where the text queries of `text_attention` sit in the current sequence.
+    text_positions: torch.Tensor | None = None
+    # (B, L_cur) long: position in the prompt of each slot of the current sequence.
+    origin: torch.Tensor | None = None
+    # (B, N) long: where each visual token sat in the prompt (`layout.seq_index` before any pruning).
+    prompt_seq_index: torch.Tensor | None = None
+    # (B, L, D) the language model's input embeddings of the prompt (methods with `needs_input_embeddings`).
+    input_embeddings: torch.Tensor | None = None
 
     def candidates(self) -> torch.Tensor:
         """(B, N) bool: the visual tokens this stage may drop."""
@@ -75,6 +83,8 @@ class PruningMethod(ABC):
     #: whether the attention rows come from layer K itself (its input norm + q/k projections applied to its
     #: input, PyramidDrop's official scoring) instead of layer K-1's attention; set per instance
     scores_in_own_layer: bool = False
+    #: whether the engine must keep the prompt's input embeddings for `score` (set per instance)
+    needs_input_embeddings: bool = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -104,6 +114,13 @@ class PruningMethod(ABC):
     def merge(self, inputs: ScoringInputs, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, L_cur, D) to gather the kept tokens from; `kept` (B, N) bool. Default: as is."""
         return hidden
+
+    def recycle(
+        self, inputs: ScoringInputs, hidden: torch.Tensor, kept: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states, kept) after the top-k: a method may keep extra tokens that carry what the dropped
+        ones held (SparseVLM's clustering); `scores` (B, N) are the ranked scores. Default: `merge` only."""
+        return self.merge(inputs, hidden, kept), kept
 
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning method")

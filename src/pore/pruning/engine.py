@@ -70,10 +70,14 @@ class _Prefill:
     origin: torch.Tensor  # (B, L_cur) long: position in the prompt of each slot of the current sequence
     current_padding: torch.Tensor  # (B, L_cur) bool: real tokens of the current sequence
     vision_attention: torch.Tensor | None = None  # (B, N) [CLS] attention of each token's patch
+    input_embeddings: torch.Tensor | None = (
+        None  # (B, L, D) the prompt's embeddings, if the method needs them
+    )
     # Filled by the scoring layer of the next stage: (B, L_cur), or (B, Q, L_cur) with (B, Q) valid queries.
     last_token_attention: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None
+    text_positions: torch.Tensor | None = None  # (B, Q) long: the text queries' current positions
     # (B, L_cur) long: RoPE positions of the current sequence (kept only for strategy.positions=compact)
     current_positions: torch.Tensor | None = None
     stage: int = 0  # the next stage to run
@@ -360,6 +364,7 @@ class Pruner:
             origin=torch.arange(length, device=input_ids.device).expand(batch, length),
             current_padding=padding_mask,
             vision_attention=vision_attention,
+            input_embeddings=embeds if self.method.needs_input_embeddings else None,
         )
         self._sequence = None
 
@@ -383,6 +388,7 @@ class Pruner:
             positions, valid = self._text_queries(prefill)
             prefill.text_attention = scoring.query_attention(query, key, attention_mask, scaling, positions)
             prefill.text_valid = valid
+            prefill.text_positions = positions
 
     def _text_queries(self, prefill: _Prefill) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q) positions of the current sequence's real text tokens, left-aligned, and (B, Q) valid."""
@@ -467,6 +473,10 @@ class Pruner:
             text_attention=prefill.text_attention,
             text_valid=prefill.text_valid,
             vision_attention=prefill.vision_attention,
+            text_positions=prefill.text_positions,
+            origin=prefill.origin,
+            prompt_seq_index=layout.seq_index,
+            input_embeddings=prefill.input_embeddings,
         )
 
     def _select(self, stage: int, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -545,7 +555,7 @@ class Pruner:
             raise RuntimeError(f"pruning stage {stage} ran before stage {prefill.stage}")
         inputs = self._scoring_inputs(stage, prefill)
         kept_visual, weighted = self._select(stage, inputs)
-        hidden = self.method.merge(inputs, hidden, kept_visual)
+        hidden, kept_visual = self.method.recycle(inputs, hidden, kept_visual, weighted)
         batch, length = prefill.current_padding.shape
 
         # (B, L_cur) which current positions survive: every non-visual token, and the kept visual ones.
@@ -596,6 +606,7 @@ class Pruner:
         prefill.stage_scores.append(weighted)
         prefill.stage = stage + 1
         prefill.last_token_attention = prefill.text_attention = prefill.text_valid = None
+        prefill.text_positions = None
 
         if stage == 0:
             self._sequence = _Sequence(prefill.input_ids.shape[1], [], cache)
