@@ -237,7 +237,10 @@ for _average in (128, 96, 64):
         ),
     )
 # FasterVLM and pooling decide from the image alone, so they prune before the language model, as published.
-STRATEGIES.add("fastervlm", Strategy(name="fastervlm", method="fastervlm", layer=0))
+STRATEGIES.add(
+    "fastervlm",
+    Strategy(name="fastervlm", method="fastervlm", layer=0, options={"budget": "per_view"}),
+)
 STRATEGIES.add("pool", Strategy(name="pool", method="pool", layer=0))
 STRATEGIES.add(
     "pool_average", Strategy(name="pool_average", method="pool", layer=0, options={"mode": "average"})

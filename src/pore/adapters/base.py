@@ -119,6 +119,13 @@ class ModelAdapter(ABC):
         per image the encoder saw, in batch order); `image_inputs` as for `visual_layout`."""
         raise NotImplementedError(f"the {self.name} adapter has no vision [CLS] attention")
 
+    def vision_token_views(
+        self, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
+    ) -> torch.Tensor | None:
+        """(B, N) long: which encoder view of its image each visual token was encoded in (-1: none), for
+        families that encode an image as several views (LLaVA-NeXT: base image, tiles); None: one view."""
+        return None
+
 
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model adapter")
 

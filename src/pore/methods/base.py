@@ -51,6 +51,9 @@ class ScoringInputs:
     text_valid: torch.Tensor | None = None  # (B, Q) bool: real text query (not padding of the Q axis)
     # (B, N) the vision encoder's [CLS] attention to each visual token's patch (0 for tokens without one).
     vision_attention: torch.Tensor | None = None
+    # (B, N) long: the encoder view of its image each token came from (LLaVA-NeXT: 0 base, 1.. tiles; -1
+    # none); None for families with one view per image. Filled for methods with `vision_attention`.
+    vision_views: torch.Tensor | None = None
     # (B, Q) long: where the text queries of `text_attention` sit in the current sequence.
     text_positions: torch.Tensor | None = None
     # (B, L_cur) long: position in the prompt of each slot of the current sequence.
@@ -118,8 +121,9 @@ class PruningMethod(ABC):
     def recycle(
         self, inputs: ScoringInputs, hidden: torch.Tensor, kept: torch.Tensor, scores: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden states, kept) after the top-k: a method may keep extra tokens that carry what the dropped
-        ones held (SparseVLM's clustering); `scores` (B, N) are the ranked scores. Default: `merge` only."""
+        """(hidden states, kept) after the engine's per-image top-k: a method may change which tokens stay
+        (SparseVLM keeps cluster centres of the dropped tokens, FasterVLM splits an image's budget between
+        its views) and their hidden states; `scores` (B, N) are the ranked scores. Default: `merge` only."""
         return self.merge(inputs, hidden, kept), kept
 
 

@@ -70,9 +70,8 @@ class _Prefill:
     origin: torch.Tensor  # (B, L_cur) long: position in the prompt of each slot of the current sequence
     current_padding: torch.Tensor  # (B, L_cur) bool: real tokens of the current sequence
     vision_attention: torch.Tensor | None = None  # (B, N) [CLS] attention of each token's patch
-    input_embeddings: torch.Tensor | None = (
-        None  # (B, L, D) the prompt's embeddings, if the method needs them
-    )
+    vision_views: torch.Tensor | None = None  # (B, N) the encoder view of each token (LLaVA-NeXT tiles)
+    input_embeddings: torch.Tensor | None = None  # (B, L, D) the prompt's embeddings (methods that read them)
     # Filled by the scoring layer of the next stage: (B, L_cur), or (B, Q, L_cur) with (B, Q) valid queries.
     last_token_attention: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
@@ -355,6 +354,9 @@ class Pruner:
             if vision_attention is None:
                 raise RuntimeError("the vision encoder did not report its [CLS] attention; no pixel_values?")
             vision_attention = self.adapter.vision_token_scores(vision_attention, layout, image_inputs)
+            vision_views = self.adapter.vision_token_views(layout, image_inputs)
+        else:
+            vision_views = None
         self._prefill = _Prefill(
             input_ids=input_ids,
             padding_mask=padding_mask,
@@ -364,6 +366,7 @@ class Pruner:
             origin=torch.arange(length, device=input_ids.device).expand(batch, length),
             current_padding=padding_mask,
             vision_attention=vision_attention,
+            vision_views=vision_views,
             input_embeddings=embeds if self.method.needs_input_embeddings else None,
         )
         self._sequence = None
@@ -473,6 +476,7 @@ class Pruner:
             text_attention=prefill.text_attention,
             text_valid=prefill.text_valid,
             vision_attention=prefill.vision_attention,
+            vision_views=prefill.vision_views,
             text_positions=prefill.text_positions,
             origin=prefill.origin,
             prompt_seq_index=layout.seq_index,
