@@ -81,6 +81,32 @@ def reference_pruned_logits(
         return model.lm_head(language_model.norm(hidden))
 
 
+def reference_compact_logits(
+    model: LlavaForConditionalGeneration,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    layer: int,
+    kept_positions: torch.Tensor,
+) -> torch.Tensor:
+    """As `reference_pruned_logits`, but from decoder layer `layer` on the kept tokens are a new sequence
+    with RoPE positions 0..L'-1 (what the official PyramidDrop / SparseVLM / FasterVLM code does)."""
+    assert input_ids.shape[0] == 1
+    language_model = model.model.language_model
+    with torch.no_grad():
+        hidden = merged_embeddings(model, input_ids, pixel_values)
+        positions = torch.arange(input_ids.shape[1])[None]
+        for index, decoder_layer in enumerate(language_model.layers):
+            if index == layer:
+                hidden = hidden[:, kept_positions]
+                positions = torch.arange(len(kept_positions))[None]
+            cos, sin = language_model.rotary_emb(hidden, positions)
+            mask = create_causal_mask(language_model.config, hidden, None, None, positions)
+            hidden = decoder_layer(
+                hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=positions
+            )
+        return model.lm_head(language_model.norm(hidden))
+
+
 def kept_positions_from_raster(input_ids: torch.Tensor, kept_raster: list[list[int]]) -> torch.Tensor:
     """Sequence positions that survive pruning: all text tokens plus the kept image tokens."""
     ids = input_ids[0]

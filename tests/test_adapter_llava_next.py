@@ -392,9 +392,19 @@ OTHER_METHODS = {
     "pdrop": lambda ratio, prior: build_strategy(
         "pdrop", layer=[1, 2, 3], keep=None, ratio=[ratio, ratio / 2, ratio / 4], prior=prior
     ),
-    "sparsevlm": lambda ratio, prior: build_strategy("sparsevlm", keep=None, ratio=ratio, prior=prior),
+    "sparsevlm": lambda ratio, prior: build_strategy(
+        "sparsevlm", layer=2, keep=None, ratio=ratio, prior=prior
+    ),
     "sparsevlm_merge": lambda ratio, prior: build_strategy(
-        "sparsevlm", keep=None, ratio=ratio, prior=prior, options={"merge": True}
+        "sparsevlm", layer=2, keep=None, ratio=ratio, prior=prior, options={"merge": True}
+    ),
+    "sparsevlm_cluster": lambda ratio, prior: build_strategy(
+        "sparsevlm",
+        layer=[1, 3],
+        keep=None,
+        ratio=[ratio, ratio / 2],
+        prior=prior,
+        options={"recycle": "cluster"},
     ),
     "pool": lambda ratio, prior: build_strategy("pool", keep=None, ratio=ratio),
     "pool_average": lambda ratio, prior: build_strategy("pool_average", keep=None, ratio=ratio),
@@ -451,13 +461,28 @@ def test_padding_suppression_is_refused() -> None:
         Pruner(build_model(), build_strategy("pore_linear", prior={"suppress_padding": True}))
 
 
-def test_fastervlm_ranks_each_token_by_the_cls_attention_of_its_own_view() -> None:
+def round_robin_quotas(budget: int, sizes: list[int]) -> list[int]:
+    """One token at a time to each view in turn (skipping full ones): the equal split of the budget."""
+    quotas = [0] * len(sizes)
+    while budget > 0 and any(q < s for q, s in zip(quotas, sizes, strict=True)):
+        for v in range(len(sizes)):
+            if budget > 0 and quotas[v] < sizes[v]:
+                quotas[v] += 1
+                budget -= 1
+    return quotas
+
+
+@pytest.mark.parametrize("budget", ["per_view", "joint"])
+def test_fastervlm_ranks_each_token_by_the_cls_attention_of_its_own_view(budget: str) -> None:
     """Base tokens by the base view's [CLS] row, high-resolution tokens by their tile's (eager CLIP
-    attention of the feature layer); newlines are never dropped. Batched and alone agree."""
+    attention of the feature layer); newlines are never dropped. per_view (official): the budget is split
+    equally between the base view and the tiles, each keeping its top tokens; joint: one top-k per image.
+    Batched and alone agree."""
     model = build_model()
     inputs = prompt_inputs([[(48, 30)], [(30, 45)]])
     keep = 6
-    with torch.no_grad(), Pruner(model, build_strategy("fastervlm", keep=keep, layer=2)) as pruner:
+    strategy = build_strategy("fastervlm", keep=keep, layer=2, options={"budget": budget})
+    with torch.no_grad(), Pruner(model, strategy) as pruner:
         model(**inputs)
     kept = pruner.last_record.kept_raster
     adapter = LlavaNextAdapter(model)
@@ -470,14 +495,42 @@ def test_fastervlm_ranks_each_token_by_the_cls_attention_of_its_own_view() -> No
         with torch.no_grad():
             out = model.model.vision_tower(inputs["pixel_values"][b, :views], output_attentions=True)
         cls_rows = out.attentions[scoring_layer][:, :, 0, 1:].mean(dim=1)  # (views, S * S)
-        scores = [
-            float(cls_rows[tile + 1, row * SIDE + col])
-            for part, tile, row, col in coordinates.tolist()
-            if part != NEWLINE
-        ]
-        expected = sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:keep])
+        tokens = [(tile + 1, row, col) for part, tile, row, col in coordinates.tolist() if part != NEWLINE]
+        scores = [float(cls_rows[view, row * SIDE + col]) for view, row, col in tokens]
+        if budget == "joint":
+            expected = sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:keep])
+        else:
+            views = sorted({view for view, _, _ in tokens})
+            members = [[i for i, token in enumerate(tokens) if token[0] == v] for v in views]
+            quotas = round_robin_quotas(keep, [len(m) for m in members])
+            expected = sorted(
+                i
+                for m, quota in zip(members, quotas, strict=True)
+                for i in sorted(m, key=lambda i: (-scores[i], i))[:quota]
+            )
+            assert len(views) > 2 and len(expected) == keep  # several tiles share the budget
         assert kept[b] == [expected]
     model.set_attn_implementation({"vision_config": "sdpa"})
-    with torch.no_grad(), Pruner(model, build_strategy("fastervlm", keep=keep, layer=0)) as pruner:
+    with torch.no_grad(), Pruner(model, strategy.replace(layer=0)) as pruner:
         model(**{key: value[1:] for key, value in inputs.items()})
     assert pruner.last_record.kept_raster[0] == kept[1]
+
+
+@pytest.mark.parametrize("budget", ["per_view", "joint"])
+def test_fastervlm_padded_batch_equals_single_samples(budget: str) -> None:
+    """Per-view budgets with compact positions (official FasterVLM, before the LLM): a padded batch of
+    images of different sizes generates what each sample generates alone."""
+    model = build_model()
+    inputs = prompt_inputs(BATCH_SIZES)
+    prompt_length = inputs["input_ids"].shape[1]
+    strategy = build_strategy("fastervlm", keep=None, ratio=0.5, options={"budget": budget})
+    with torch.no_grad(), Pruner(model, strategy) as pruner:
+        pruner.set_image_sizes(BATCH_SIZES)
+        batch_out = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, prompt_length:]
+        batch_kept = pruner.last_record.kept_raster
+        for b in range(len(BATCH_SIZES)):
+            alone = sample_inputs(inputs, b, b, 1)
+            pruner.set_image_sizes([BATCH_SIZES[b]])
+            out = model.generate(**alone, max_new_tokens=5, do_sample=False)[:, alone["input_ids"].shape[1] :]
+            assert pruner.last_record.kept_raster == [batch_kept[b]]
+            assert out[0].tolist() == batch_out[b].tolist()

@@ -516,3 +516,18 @@ def test_vision_cls_scoring_is_refused_clearly(family: str) -> None:
         Pruner(model, strategy),
     ):
         model(**sample_inputs(family, 0))
+
+
+def test_compact_positions_are_refused_and_official_keeps_the_m_rope_positions(family: str) -> None:
+    """3-D M-RoPE positions cannot be renumbered: positions=compact says so; official (PyramidDrop's own is
+    compact) keeps the original positions here, so it prunes exactly like positions=original."""
+    model = tiny_model(family)
+    with pytest.raises(ValueError, match="3-D M-RoPE positions that cannot be compacted"):
+        Pruner(model, build_strategy("pdrop", layer=[1, 3], keep=[4, 2], ratio=None, positions="compact"))
+    logits = {}
+    for positions in ("official", "original"):
+        strategy = build_strategy("pdrop", layer=[1, 3], keep=[4, 2], ratio=None, positions=positions)
+        with torch.no_grad(), Pruner(model, strategy) as pruner:
+            assert pruner.positions == "original"
+            logits[positions] = model(**sample_inputs(family, 0)).logits
+    torch.testing.assert_close(logits["official"], logits["original"], atol=0, rtol=0)

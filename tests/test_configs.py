@@ -27,6 +27,7 @@ import pore
 from pore.config import build_benchmark, build_strategy, model_dtype, register_resolvers
 from pore.data import BENCHMARKS, StreamSource
 from pore.evaluate import SettingsMismatchError, check_resumable
+from pore.methods import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -89,13 +90,17 @@ def test_strategy_configs_equal_the_python_registry(compose: Compose, name: str)
     built = build_strategy(compose(f"strategy={name}"))
     registered = pore.build_strategy(name)
     assert built.name == registered.name == name
-    assert (built.method, built.layer, built.keep, built.ratio, built.seed) == (
+    assert (built.method, built.layer, built.keep, built.ratio, built.seed, built.positions) == (
         registered.method,
         registered.layer,
         registered.keep,
         registered.ratio,
         registered.seed,
+        registered.positions,
     )
+    assert METHODS.get(built.method)(**built.options).__dict__ == (
+        METHODS.get(registered.method)(**registered.options).__dict__
+    ), "the file's options build another method than the registry's"
     for key in ("name", "position", "suppress_padding", "pad_threshold"):
         assert getattr(built.prior, key) == getattr(registered.prior, key), key
     assert built.prior.hyperparameters() == registered.prior.hyperparameters()

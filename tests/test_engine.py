@@ -18,6 +18,7 @@ from pore import Pruner, build_strategy
 from reference import (
     kept_positions_from_raster,
     linear_row_weights,
+    reference_compact_logits,
     reference_kept_raster,
     reference_pruned_logits,
 )
@@ -123,12 +124,14 @@ def test_record_reports_tokens_per_layer() -> None:
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("strategy", ["pore_linear", "random"])
-def test_padded_batch_equals_single_samples(attn: str, strategy: str) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "positions"), [("pore_linear", "official"), ("random", "official"), ("fastv", "compact")]
+)
+def test_padded_batch_equals_single_samples(attn: str, strategy: str, positions: str) -> None:
     model = build_tiny_llava(attn)
     input_ids, mask = left_pad(PROMPTS)
     pixel_values = torch.cat([pixels(1, seed=b) for b in range(len(PROMPTS))])
-    settings = build_strategy(strategy, keep=7)
+    settings = build_strategy(strategy, keep=7, positions=positions)
     with torch.no_grad(), Pruner(model, settings) as pruner:
         batch_out = model.generate(
             input_ids=input_ids,
@@ -190,6 +193,35 @@ def test_cached_generation_equals_recomputing_without_cache(attn: str) -> None:
             token = int(logits[0, -1].argmax())
             recomputed.append(token)
             sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
+        assert cached == recomputed
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_compact_positions_equal_a_model_run_on_the_kept_tokens_alone(attn: str) -> None:
+    """positions=compact: the pruned forward == a by-hand run whose layers from K on see only the kept tokens
+    at positions 0..L'-1, and cached decoding == recomputing that without cache, new tokens at L', L'+1..."""
+    model = build_tiny_llava(attn)
+    new_tokens = 6
+    for b, prompt in enumerate(PROMPTS):
+        input_ids, pixel_values = single(prompt), pixels(1, seed=b)
+        strategy = build_strategy("fastv", keep=5, layer=2, positions="compact")
+        with torch.no_grad(), Pruner(model, strategy) as pruner:
+            logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+            cached = model.generate(
+                input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=new_tokens, do_sample=False
+            )[0, len(prompt) :].tolist()
+        prompt_kept = kept_positions_from_raster(input_ids, pruner.last_record.kept_raster[0])
+        expected = reference_compact_logits(model, input_ids, pixel_values, 2, prompt_kept)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+        # Original positions give other logits: the test can tell the two apart.
+        original = reference_pruned_logits(model, input_ids, pixel_values, 2, prompt_kept)
+        assert not torch.allclose(original, expected, atol=1e-4)
+        sequence, recomputed = input_ids, []
+        for _ in range(new_tokens):
+            kept = torch.cat([prompt_kept, torch.arange(len(prompt), sequence.shape[1])])
+            step = reference_compact_logits(model, sequence, pixel_values, 2, kept)
+            recomputed.append(int(step[0, -1].argmax()))
+            sequence = torch.cat([sequence, torch.tensor([[recomputed[-1]]])], dim=1)
         assert cached == recomputed
 
 

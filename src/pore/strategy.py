@@ -5,6 +5,11 @@ The names of the fields are the config keys that users and sweeps set: `strategy
 
 Multi-stage methods (PyramidDrop) give lists: `strategy.layer=[8,16,24] strategy.ratio=[0.5,0.25,0.125]`
 prunes before layers 8, 16 and 24, keeping 50 / 25 / 12.5 % of each image's tokens from there on.
+
+`strategy.positions` says which RoPE positions the kept tokens get: `original` (their place in the unpruned
+prompt, FastV's mask-based pruning), `compact` (0..L'-1 over the kept sequence, and decoding continues from
+the compacted length: what PyramidDrop, SparseVLM and FasterVLM do by removing the tokens), or `official`
+(default): the method's own choice (`PruningMethod.official_positions`; docs/methods.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pore.calibration.priorfile import embedded_prior_path
 from pore.methods import METHODS
 from pore.priors import PriorConfig
 from pore.registry import Registry
+
+POSITIONS = ("official", "original", "compact")
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class Strategy:
     reweight: Literal["all", "first"] = "all"
     options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
+    positions: Literal["official", "original", "compact"] = "official"
 
     def __post_init__(self) -> None:
         for key in ("layer", "keep", "ratio"):
@@ -120,6 +128,10 @@ class Strategy:
         method.check_options(self.options)
         if not self.prunes:
             return self
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"strategy.positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}"
+            )
         if self.reweight not in ("all", "first"):
             raise ValueError(f"strategy.reweight must be 'all' or 'first', got {self.reweight!r}")
         layers = self.layers
@@ -162,6 +174,12 @@ class Strategy:
         """How many of an image's `tokens_in_image` prunable tokens the first stage keeps."""
         return self.stages()[0].budget(tokens_in_image)
 
+    def resolved_positions(self) -> Literal["original", "compact"]:
+        """`positions` with `official` replaced by the method's own choice."""
+        if self.positions == "official":
+            return METHODS.get(self.method).official_positions
+        return self.positions
+
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
 STRATEGIES.add("none", Strategy(name="none", method="none"))
@@ -194,11 +212,35 @@ STRATEGIES.add(
 LINEAR = PriorConfig("linear", params={"alpha": 0.6})
 EXPONENTIAL = PriorConfig("exponential", params={"sigma": 0.95})
 # PyramidDrop's published schedule for 32-layer LLMs: before layers 8 / 16 / 24, keep 50 / 25 / 12.5 %.
-PDROP = {"layer": (8, 16, 24), "ratio": (0.5, 0.25, 0.125)}
+# Scored, as the official code, with layer K's own norm + q / k projections on layer K's input.
+PDROP = {"layer": (8, 16, 24), "ratio": (0.5, 0.25, 0.125), "options": {"score_from": "own_layer"}}
 STRATEGIES.add("pdrop", Strategy(name="pdrop", method="pdrop", **PDROP))
-STRATEGIES.add("sparsevlm", Strategy(name="sparsevlm", method="sparsevlm"))
+# SparseVLM's official v1 schedule for LLaVA-1.5 (32 layers): scored in layers 2 / 6 / 15 and pruned right
+# after them (K = 3 / 7 / 16), keeping its budget table for 192 / 128 / 96 / 64 tokens on average
+# (Gumpest/SparseVLMs llava/model/language_model/score.py, USE_VERSION=1_0), raters from the embeddings.
+SPARSEVLM_LAYERS = (3, 7, 16)
+SPARSEVLM_BUDGETS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+SPARSEVLM = {
+    "layer": SPARSEVLM_LAYERS,
+    "keep": SPARSEVLM_BUDGETS[192],
+    "ratio": None,
+    "options": {"raters": "official", "recycle": "none"},
+}
+STRATEGIES.add("sparsevlm", Strategy(name="sparsevlm", method="sparsevlm", **SPARSEVLM))
+for _average in (128, 96, 64):
+    STRATEGIES.add(
+        f"sparsevlm_{_average}",
+        Strategy(
+            name=f"sparsevlm_{_average}",
+            method="sparsevlm",
+            **{**SPARSEVLM, "keep": SPARSEVLM_BUDGETS[_average]},
+        ),
+    )
 # FasterVLM and pooling decide from the image alone, so they prune before the language model, as published.
-STRATEGIES.add("fastervlm", Strategy(name="fastervlm", method="fastervlm", layer=0))
+STRATEGIES.add(
+    "fastervlm",
+    Strategy(name="fastervlm", method="fastervlm", layer=0, options={"budget": "per_view"}),
+)
 STRATEGIES.add("pool", Strategy(name="pool", method="pool", layer=0))
 STRATEGIES.add(
     "pool_average", Strategy(name="pool_average", method="pool", layer=0, options={"mode": "average"})

@@ -62,6 +62,9 @@ class ModelAdapter(ABC):
     #: whether the family pads images to a square before encoding (LLaVA-1.5); `prior.suppress_padding`
     #: only makes sense then
     pads_to_square: bool = False
+    #: whether the language model uses 3-D M-RoPE positions (Qwen2-VL), which `strategy.positions=compact`
+    #: cannot renumber
+    multimodal_rope: bool = False
 
     @classmethod
     @abstractmethod
@@ -115,6 +118,13 @@ class ModelAdapter(ABC):
         """(B, N) score of each visual token from the encoder's (views, L_v) [CLS] attention rows (one row
         per image the encoder saw, in batch order); `image_inputs` as for `visual_layout`."""
         raise NotImplementedError(f"the {self.name} adapter has no vision [CLS] attention")
+
+    def vision_token_views(
+        self, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
+    ) -> torch.Tensor | None:
+        """(B, N) long: which encoder view of its image each visual token was encoded in (-1: none), for
+        families that encode an image as several views (LLaVA-NeXT: base image, tiles); None: one view."""
+        return None
 
 
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model adapter")

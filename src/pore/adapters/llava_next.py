@@ -272,6 +272,32 @@ class LlavaNextAdapter(ModelAdapter):
             first_image += images
         return torch.where(layout.valid & layout.prunable, scores, torch.zeros_like(scores))
 
+    def vision_token_views(
+        self, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
+        """(B, N) long: 0 for base-view tokens, 1 + t for tokens of tile t, -1 for newlines and padding."""
+        sizes = (image_inputs or {}).get("image_sizes")
+        strategy = (image_inputs or {}).get("vision_feature_select_strategy") or self.default_strategy
+        if sizes is None:
+            raise ValueError(
+                "per-view budgets on LLaVA-NeXT need each image's size to find its tiles: pass image_sizes "
+                "to the forward, or call pruner.set_image_sizes(...) before generate()"
+            )
+        sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else [list(s) for s in sizes]
+        per_image = []
+        for height, width in sizes:
+            packed = self._packed_coordinates(int(height), int(width), strategy)  # (T, 4)
+            per_image.append(torch.where(packed[:, 0] != NEWLINE, packed[:, 1] + 1, -1))
+        views = torch.full(layout.seq_index.shape, -1, dtype=torch.long)
+        first_image = 0
+        for b, images in enumerate(layout.images_per_sample.tolist()):
+            if images:
+                sample = torch.cat(per_image[first_image : first_image + images])
+                views[b, : sample.shape[0]] = sample
+            first_image += images
+        views = views.to(layout.seq_index.device)
+        return torch.where(layout.valid & layout.prunable, views, -1)
+
     # ------------------------------------------------------------------ a batch
 
     def visual_layout(

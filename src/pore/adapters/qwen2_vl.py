@@ -48,6 +48,7 @@ class Qwen2VLAdapter(ModelAdapter):
     """Qwen2-VL and Qwen2.5-VL (`Qwen/Qwen2-VL-*-Instruct`, `Qwen/Qwen2.5-VL-*-Instruct`)."""
 
     name = "qwen2_vl"
+    multimodal_rope = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

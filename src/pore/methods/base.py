@@ -51,6 +51,17 @@ class ScoringInputs:
     text_valid: torch.Tensor | None = None  # (B, Q) bool: real text query (not padding of the Q axis)
     # (B, N) the vision encoder's [CLS] attention to each visual token's patch (0 for tokens without one).
     vision_attention: torch.Tensor | None = None
+    # (B, N) long: the encoder view of its image each token came from (LLaVA-NeXT: 0 base, 1.. tiles; -1
+    # none); None for families with one view per image. Filled for methods with `vision_attention`.
+    vision_views: torch.Tensor | None = None
+    # (B, Q) long: where the text queries of `text_attention` sit in the current sequence.
+    text_positions: torch.Tensor | None = None
+    # (B, L_cur) long: position in the prompt of each slot of the current sequence.
+    origin: torch.Tensor | None = None
+    # (B, N) long: where each visual token sat in the prompt (`layout.seq_index` before any pruning).
+    prompt_seq_index: torch.Tensor | None = None
+    # (B, L, D) the language model's input embeddings of the prompt (methods with `needs_input_embeddings`).
+    input_embeddings: torch.Tensor | None = None
 
     def candidates(self) -> torch.Tensor:
         """(B, N) bool: the visual tokens this stage may drop."""
@@ -69,6 +80,14 @@ class PruningMethod(ABC):
     vision_attention: ClassVar[bool] = False
     #: whether the method drops anything at all (`none` does not, and leaves the model untouched)
     prunes: ClassVar[bool] = True
+    #: the RoPE positions the method's official code gives the kept tokens (`strategy.positions=official`):
+    #: "original" (masking: FastV) or "compact" (the tokens are removed: 0..L'-1, decoding continues from L')
+    official_positions: ClassVar[Literal["original", "compact"]] = "original"
+    #: whether the attention rows come from layer K itself (its input norm + q/k projections applied to its
+    #: input, PyramidDrop's official scoring) instead of layer K-1's attention; set per instance
+    scores_in_own_layer: bool = False
+    #: whether the engine must keep the prompt's input embeddings for `score` (set per instance)
+    needs_input_embeddings: bool = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -98,6 +117,14 @@ class PruningMethod(ABC):
     def merge(self, inputs: ScoringInputs, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, L_cur, D) to gather the kept tokens from; `kept` (B, N) bool. Default: as is."""
         return hidden
+
+    def recycle(
+        self, inputs: ScoringInputs, hidden: torch.Tensor, kept: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states, kept) after the engine's per-image top-k: a method may change which tokens stay
+        (SparseVLM keeps cluster centres of the dropped tokens, FasterVLM splits an image's budget between
+        its views) and their hidden states; `scores` (B, N) are the ranked scores. Default: `merge` only."""
+        return self.merge(inputs, hidden, kept), kept
 
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning method")

@@ -9,7 +9,9 @@ several for PyramidDrop):
    the 2-D padding mask.
 3. In layer K-1, the scoring attention wrapper (`pore.pruning.attention`) computes the rows of attention
    the method needs (the last prompt token's, or the text tokens') from the query/key states, while SDPA /
-   FlashAttention / eager runs unchanged. FasterVLM's [CLS] row is caught the same way in the vision tower.
+   FlashAttention / eager runs unchanged (PyramidDrop's official `score_from=own_layer`: in an extra
+   no-cache call of layer K's own input norm + attention module on layer K's input, by the layer-K hook).
+   FasterVLM's [CLS] row is caught the same way in the vision tower.
 4. A forward pre-hook on decoder layer K scores the visual tokens still in the sequence (method x prior),
    keeps the top `keep` of each image, lets the method rewrite the kept hidden states (pooling, merging),
    gathers the hidden states, RoPE embeddings and position ids of the kept tokens (which keep their
@@ -20,6 +22,14 @@ Layers below the first K therefore cache every token, each stage's layers only w
 `DynamicCache` holds one length per layer). At each decoding step the hook on every stage's first layer
 rebuilds that stage's mask from its pruned prompt mask plus the new tokens' mask; RoPE positions come from
 the full layers, so new tokens get their true positions.
+
+Positions (`strategy.positions`, resolved per method): `original` keeps each token's RoPE position as above;
+`compact` renumbers the kept sequence: a kept token's position drops by the number of real tokens removed
+before it (0..L'-1 for positions counted from each sample's first real token, as generate() does under left
+padding), the (cos, sin) of the kept tokens are recomputed with the language model's own rotary embedding,
+and at decoding steps each stage's layers see the new tokens' positions minus the tokens that stage removed,
+so decoding continues from the compacted length (PyramidDrop's, SparseVLM's and FasterVLM's official
+behaviour). 3-D M-RoPE models (Qwen2-VL) keep `original` (see `_resolve_positions`).
 
 The forward's outputs (logits, hidden states) cover the kept sequence: text tokens plus kept image tokens in
 their original order. What each prefill did is in `Pruner.last_record`.
@@ -60,10 +70,15 @@ class _Prefill:
     origin: torch.Tensor  # (B, L_cur) long: position in the prompt of each slot of the current sequence
     current_padding: torch.Tensor  # (B, L_cur) bool: real tokens of the current sequence
     vision_attention: torch.Tensor | None = None  # (B, N) [CLS] attention of each token's patch
+    vision_views: torch.Tensor | None = None  # (B, N) the encoder view of each token (LLaVA-NeXT tiles)
+    input_embeddings: torch.Tensor | None = None  # (B, L, D) the prompt's embeddings (methods that read them)
     # Filled by the scoring layer of the next stage: (B, L_cur), or (B, Q, L_cur) with (B, Q) valid queries.
     last_token_attention: torch.Tensor | None = None
     text_attention: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None
+    text_positions: torch.Tensor | None = None  # (B, Q) long: the text queries' current positions
+    # (B, L_cur) long: RoPE positions of the current sequence (kept only for strategy.positions=compact)
+    current_positions: torch.Tensor | None = None
     stage: int = 0  # the next stage to run
     stage_kept: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) bool
     stage_scores: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) float64
@@ -85,6 +100,8 @@ class _Sequence:
     prompt_length: int  # L, tokens of the prompt in the full layers
     stage_padding: list[torch.Tensor]  # per stage (B, L_s) bool: real tokens among the pruned prompt's slots
     cache: Cache | None
+    # per stage (B,) long: real prompt tokens removed up to that stage (the decoding shift of `compact`)
+    stage_removed: list[torch.Tensor] = field(default_factory=list)
 
 
 def gather_sequence(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -122,6 +139,7 @@ class Pruner:
                 f"prior.suppress_padding drops tokens of the pad-to-square border, but {self.adapter.name} "
                 f"models do not pad images to a square; set strategy.prior.suppress_padding=false"
             )
+        self.positions = self._resolve_positions()
         self.last_record: PruningRecord | None = None
         self._image_sizes: list[list[tuple[int, int]]] | None = None
         self._handles: list[Any] = []
@@ -150,6 +168,14 @@ class Pruner:
         if other is not None and other is not self:
             raise RuntimeError("another Pruner is attached to this model; detach it first")
         _ATTACHED[self.model] = self
+        try:
+            self._install_hooks()
+        except BaseException:
+            self.detach()  # a half-attached pruner (e.g. an unsupported method) must not stay registered
+            raise
+        return self
+
+    def _install_hooks(self) -> None:
         language_model = self.adapter.language_model()
         self._handles = [
             self.adapter.multimodal_module().register_forward_pre_hook(self._on_multimodal, with_kwargs=True),
@@ -166,7 +192,8 @@ class Pruner:
         if self.method.needs_attention:
             self._use_scoring_attention(language_model.config)
             for index, stage in enumerate(self.stages):
-                module = self.adapter.attention_module(self.layers[stage.layer - 1])
+                scoring_layer = stage.layer if self.method.scores_in_own_layer else stage.layer - 1
+                module = self.adapter.attention_module(self.layers[scoring_layer])
                 scoring.watch(module, partial(self._on_scoring_attention, index))
                 self._watched.append(module)
         if self.method.vision_attention:
@@ -174,7 +201,6 @@ class Pruner:
             self._use_scoring_attention(config)
             scoring.watch(module, self._on_vision_attention)
             self._watched.append(module)
-        return self
 
     def detach(self) -> None:
         if _ATTACHED.get(self.model) is self:
@@ -227,6 +253,25 @@ class Pruner:
                 f"pruning supports language models whose layers all use full attention; this one has "
                 f"{sorted(set(layer_types))}"
             )
+
+    def _resolve_positions(self) -> str:
+        """`strategy.positions` for this model: `official` becomes the method's own choice.
+
+        Qwen2-VL's 3-D M-RoPE gives image tokens (t, row, col) positions and the text after an image the
+        largest of them + 1; no official code of these methods compacts such positions, and renumbering
+        them would break the 2-D layout the model was trained with, so `official` keeps the original
+        positions there and an explicit `compact` is refused.
+        """
+        wanted = self.strategy.resolved_positions()
+        if wanted == "compact" and getattr(self.adapter, "multimodal_rope", False):
+            if self.strategy.positions == "compact":
+                raise ValueError(
+                    f"strategy.positions=compact renumbers 1-D RoPE positions, but {self.adapter.name} "
+                    f"models use 3-D M-RoPE positions that cannot be compacted; use strategy.positions="
+                    f"original (or official, which keeps them for this family)"
+                )
+            return "original"
+        return wanted
 
     # ------------------------------------------------------------------ hooks
 
@@ -318,6 +363,9 @@ class Pruner:
             if vision_attention is None:
                 raise RuntimeError("the vision encoder did not report its [CLS] attention; no pixel_values?")
             vision_attention = self.adapter.vision_token_scores(vision_attention, layout, image_inputs)
+            vision_views = self.adapter.vision_token_views(layout, image_inputs)
+        else:
+            vision_views = None
         self._prefill = _Prefill(
             input_ids=input_ids,
             padding_mask=padding_mask,
@@ -327,6 +375,8 @@ class Pruner:
             origin=torch.arange(length, device=input_ids.device).expand(batch, length),
             current_padding=padding_mask,
             vision_attention=vision_attention,
+            vision_views=vision_views,
+            input_embeddings=embeds if self.method.needs_input_embeddings else None,
         )
         self._sequence = None
 
@@ -364,6 +414,7 @@ class Pruner:
             positions, valid = self._text_queries(prefill)
             prefill.text_attention = scoring.query_attention(query, key, attention_mask, scaling, positions)
             prefill.text_valid = valid
+            prefill.text_positions = positions
 
     def _text_queries(self, prefill: _Prefill) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q) positions of the current sequence's real text tokens, left-aligned, and (B, Q) valid."""
@@ -379,6 +430,8 @@ class Pruner:
     ) -> tuple[tuple, dict] | None:
         if self._prefill is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
+            if self.method.scores_in_own_layer:
+                self._score_in_own_layer(module, hidden, args, kwargs)
             hidden = self._prune_prompt(stage, hidden, kwargs)
             args, kwargs = (
                 ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
@@ -387,6 +440,25 @@ class Pruner:
             hidden = args[0] if args else kwargs["hidden_states"]
             self._pruned_inputs = self._decoding_inputs(stage, hidden, kwargs)
         return self._on_pruned_layer(module, args, kwargs) or (args, kwargs)
+
+    def _score_in_own_layer(self, layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """PyramidDrop's official scoring: run layer K's own input norm and attention module on layer K's
+        input (the current sequence, before this stage prunes it), without the cache, so that the watched
+        attention reports the last prompt token's row; the output is discarded."""
+        norm = getattr(layer, "input_layernorm", None)
+        if norm is None:
+            raise NotImplementedError(
+                f"options.score_from=own_layer needs decoder layers with an input_layernorm; "
+                f"{type(layer).__name__} has none (use options.score_from=previous_layer)"
+            )
+        # What the layer receives for the current sequence: after an earlier stage, that stage's inputs.
+        _, layer_kwargs = self._on_pruned_layer(layer, args, kwargs) or (args, kwargs)
+        self.adapter.attention_module(layer)(
+            hidden_states=norm(hidden),
+            attention_mask=layer_kwargs.get("attention_mask"),
+            position_embeddings=layer_kwargs["position_embeddings"],
+            position_ids=layer_kwargs.get("position_ids"),
+        )  # no cache argument: its keyword moves between releases, and its default (None) is what we want
 
     def _on_pruned_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         pruned = self._pruned_inputs
@@ -411,8 +483,8 @@ class Pruner:
             method.attention_queries == "text" and prefill.text_attention is None
         ):
             raise RuntimeError(
-                f"layer {self.stages[stage].layer - 1} did not report its attention; is the model's forward "
-                f"hooked?"
+                f"layer {self.stages[stage].layer - (0 if method.scores_in_own_layer else 1)} did not report "
+                f"its attention; is the model's forward hooked?"
             )
         current = VisualLayout(**{**vars(layout), "seq_index": prefill.position})
         return ScoringInputs(
@@ -426,6 +498,11 @@ class Pruner:
             text_attention=prefill.text_attention,
             text_valid=prefill.text_valid,
             vision_attention=prefill.vision_attention,
+            vision_views=prefill.vision_views,
+            text_positions=prefill.text_positions,
+            origin=prefill.origin,
+            prompt_seq_index=layout.seq_index,
+            input_embeddings=prefill.input_embeddings,
         )
 
     def _select(self, stage: int, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -520,7 +597,7 @@ class Pruner:
             raise RuntimeError(f"pruning stage {stage} ran before stage {prefill.stage}")
         inputs = self._scoring_inputs(stage, prefill)
         kept_visual, weighted = self._select(stage, inputs)
-        hidden = self.method.merge(inputs, hidden, kept_visual)
+        hidden, kept_visual = self.method.recycle(inputs, hidden, kept_visual, weighted)
         batch, length = prefill.current_padding.shape
 
         # (B, L_cur) which current positions survive: every non-visual token, and the kept visual ones.
@@ -536,19 +613,24 @@ class Pruner:
         pruned_padding = prefill.current_padding.gather(1, order) & slot_is_kept  # (B, L')
 
         pruned_hidden = gather_sequence(hidden, order, seq_dim=1)  # (B, L', D)
-        # Later stages gather from what the previous stage handed its layers, not from the full sequence.
-        source = self._pruned_inputs if stage > 0 else None
-        cos, sin = source.position_embeddings if source is not None else kwargs["position_embeddings"]
-        position_embeddings = (
-            gather_sequence(cos, order, seq_dim=cos.dim() - 2),
-            gather_sequence(sin, order, seq_dim=sin.dim() - 2),
-        )
-        position_ids = source.position_ids if source is not None else kwargs.get("position_ids")
-        if position_ids is not None and not self._uses_flash_attention():
-            position_ids = gather_sequence(position_ids, order, seq_dim=position_ids.dim() - 1)
+        if self.positions == "compact":
+            position_embeddings, position_ids = self._compact_positions(
+                stage, prefill, kwargs, pruned_hidden, keep, order
+            )
         else:
-            # FlashAttention reads non-contiguous position ids as packed sequences; the mask says it all.
-            position_ids = None
+            # Later stages gather from what the previous stage handed its layers, not from the full sequence.
+            source = self._pruned_inputs if stage > 0 else None
+            cos, sin = source.position_embeddings if source is not None else kwargs["position_embeddings"]
+            position_embeddings = (
+                gather_sequence(cos, order, seq_dim=cos.dim() - 2),
+                gather_sequence(sin, order, seq_dim=sin.dim() - 2),
+            )
+            position_ids = source.position_ids if source is not None else kwargs.get("position_ids")
+            if position_ids is not None and not self._uses_flash_attention():
+                position_ids = gather_sequence(position_ids, order, seq_dim=position_ids.dim() - 1)
+            else:
+                # FlashAttention reads non-contiguous position ids as packed sequences; the mask says it all.
+                position_ids = None
         cache = compat.cache_from(kwargs)
         layer = self.stages[stage].layer
         self._pruned_inputs = _PrunedLayerInputs(
@@ -566,10 +648,13 @@ class Pruner:
         prefill.stage_scores.append(weighted)
         prefill.stage = stage + 1
         prefill.last_token_attention = prefill.text_attention = prefill.text_valid = None
+        prefill.text_positions = None
 
         if stage == 0:
             self._sequence = _Sequence(prefill.input_ids.shape[1], [], cache)
         self._sequence.stage_padding.append(pruned_padding)
+        removed = prefill.padding_mask.sum(dim=1) - pruned_padding.sum(dim=1)  # (B,) real tokens removed
+        self._sequence.stage_removed.append(removed)
         if stage == len(self.stages) - 1:
             self._record(prefill)
         return pruned_hidden
@@ -589,9 +674,55 @@ class Pruner:
         else:
             new_mask = full_mask[:, sequence.prompt_length :].bool()
         padding = torch.cat([prompt_padding, new_mask], dim=1)
-        return _PrunedLayerInputs(
-            self._pruned_mask(hidden, padding, cache, layer), None, kwargs.get("position_ids")
-        )
+        mask = self._pruned_mask(hidden, padding, cache, layer)
+        if self.positions == "compact":
+            return _PrunedLayerInputs(mask, *self._compact_decoding_positions(stage, hidden, kwargs))
+        return _PrunedLayerInputs(mask, None, kwargs.get("position_ids"))
+
+    # ------------------------------------------------------------------ compact positions
+
+    def _compact_positions(
+        self,
+        stage: int,
+        prefill: _Prefill,
+        kwargs: dict,
+        pruned_hidden: torch.Tensor,
+        keep: torch.Tensor,
+        order: torch.Tensor,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """(cos, sin) and position ids of the kept slots `order` (B, L') when the kept sequence is renumbered:
+        each kept token's position drops by the number of real tokens this stage removes before it."""
+        current = prefill.current_positions
+        if current is None:  # the full layers' positions (the language model always hands them on)
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None or position_ids.dim() != 2:
+                raise NotImplementedError(
+                    "strategy.positions=compact needs the language model to hand its decoder layers 1-D "
+                    "position ids (batch, length); use strategy.positions=original"
+                )
+            current = position_ids.expand(keep.shape[0], -1)
+        removed = prefill.current_padding & ~keep  # (B, L_cur) real tokens this stage drops
+        removed_before = torch.cumsum(removed.long(), dim=1).gather(1, order)  # (B, L')
+        positions = current.gather(1, order) - removed_before  # (B, L')
+        prefill.current_positions = positions
+        cos, sin = self.adapter.language_model().rotary_emb(pruned_hidden, positions)
+        # FlashAttention reads position ids that restart in a row as packed sequences; the mask says it all.
+        return (cos, sin), (None if self._uses_flash_attention() else positions)
+
+    def _compact_decoding_positions(
+        self, stage: int, hidden: torch.Tensor, kwargs: dict
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """(cos, sin) and position ids of a decoding step's new tokens in a compacted stage: their position in
+        the full layers minus the real prompt tokens the stages so far removed."""
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None or position_ids.dim() != 2:
+            raise NotImplementedError(
+                "strategy.positions=compact needs 1-D position ids at decoding steps; use "
+                "strategy.positions=original"
+            )
+        removed = self._sequence.stage_removed[stage].to(position_ids.device)  # (B,)
+        positions = position_ids.expand(hidden.shape[0], -1) - removed[:, None]  # (B, T)
+        return self.adapter.language_model().rotary_emb(hidden, positions), positions
 
     def _pruned_mask(
         self, hidden: torch.Tensor, padding: torch.Tensor, cache: Cache | None, layer: int
