@@ -53,8 +53,9 @@ def category_index(name: str) -> int:
         ) from None
 
 
-# `first_word`: parse_mme_answer; `lmms_eval_mme`: lmms-eval's (and Otter's) parse_pred_ans.
-MME_RULES = {"first_word": parse_mme_answer, "lmms_eval_mme": lmms_eval_mme_answer}
+# `first_word`: parse_mme_answer; `mme_prefix`: "yes" / "no" within the first four characters, as the MME
+# tool's calculation.py and lmms-eval's parse_pred_ans (from Otter) read it.
+MME_RULES = {"first_word": parse_mme_answer, "mme_prefix": lmms_eval_mme_answer}
 
 
 class MMEMetrics(IntegerCatStates, Metric):
