@@ -14,10 +14,11 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pore.data import BENCHMARKS, Benchmark, StreamSource
+from pore.data.protocol import Protocol
 from pore.strategy import Strategy
 
 # Settings that change what the model answers: a run folder is only resumed with the same values.
-RUN_IDENTITY = ("model", "data", "strategy", "max_new_tokens")
+RUN_IDENTITY = ("model", "data", "strategy", "protocol", "max_new_tokens")
 # Data settings that only change how fast rows are read, not which rows or answers.
 DATA_LOGISTICS = ("batch_size", "num_workers")
 
@@ -53,10 +54,20 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     return Strategy.from_mapping(_plain(cfg.strategy))
 
 
+def build_protocol(cfg: DictConfig) -> Protocol:
+    """The evaluation protocol (`conf/protocol/`); configs without a protocol group get `default`."""
+    return Protocol.from_mapping(_plain(cfg.get("protocol")) or {"name": "default"})
+
+
 def build_benchmark(cfg: DictConfig) -> tuple[Benchmark, StreamSource]:
     data = cfg.data
+    protocol = build_protocol(cfg)
     benchmark = BENCHMARKS.get(data.benchmark)(
-        columns=_plain(data.columns) or {}, **(_plain(data.options) or {})
+        columns=_plain(data.columns) or {},
+        protocol=protocol.name,
+        answer_rule=protocol.rule(str(data.benchmark)),
+        # The protocol's prompt options (textvqa: ocr) under the data's own (data.options wins).
+        **{**protocol.prompt_options(str(data.benchmark)), **(_plain(data.options) or {})},
     )
     limit = data.limit
     if limit is not None and (int(limit) != limit or limit < 1):
@@ -93,11 +104,20 @@ def load_model_and_processor(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
             f"model.path {path!r} is not a local checkpoint folder nor a hub id (owner/name); "
             "the embedded model lives in the repository's assets/ folder (or set PORE_ASSETS)"
         )
-    # Processor settings of the model config (e.g. Qwen's min_pixels / max_pixels); null = the checkpoint's.
+    # Processor settings of the model config (e.g. Qwen's min_pixels / max_pixels); null = the protocol's
+    # for this checkpoint type (lmms-eval's Qwen pixel limits), else the checkpoint's own.
     processor_options = {
         key: value for key, value in (_plain(cfg.model.get("processor")) or {}).items() if value is not None
     }
     try:
+        protocol = build_protocol(cfg)
+        if protocol.processor:
+            from transformers import AutoConfig
+
+            processor_options = {
+                **protocol.processor_options(AutoConfig.from_pretrained(path).model_type),
+                **processor_options,
+            }
         processor = AutoProcessor.from_pretrained(path, **processor_options)
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=model_dtype(cfg), attn_implementation=str(cfg.model.attn_implementation)

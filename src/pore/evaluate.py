@@ -10,7 +10,9 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from pore import config as build
+from pore.adapters import adapter_for
 from pore.data import BenchmarkDataModule
+from pore.data.protocol import processor_pads
 from pore.evaluation import LiveMetricProgressBar, PredictionWriter, VLMEvaluator
 from pore.evaluation import predictions as prediction_files
 from pore.evaluation.report import FinalMetrics, summary_table
@@ -28,13 +30,16 @@ def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
         return
     saved = OmegaConf.load(saved_path)
     for key in build.RUN_IDENTITY:
+        # .get: folders written before a setting existed (e.g. `protocol`) have no value for it.
         ours = (
-            OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
+            OmegaConf.to_container(cfg[key], resolve=True)
+            if isinstance(cfg.get(key), DictConfig)
+            else cfg.get(key)
         )
         theirs = (
             OmegaConf.to_container(saved[key], resolve=True)
-            if isinstance(saved[key], DictConfig)
-            else saved[key]
+            if isinstance(saved.get(key), DictConfig)
+            else saved.get(key)
         )
         if isinstance(ours, dict):
             for logistics in build.DATA_LOGISTICS if key == "data" else ():
@@ -60,17 +65,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model, processor = build.load_model_and_processor(cfg)
+    protocol = build.build_protocol(cfg)
+    # What the protocol does for this model family and benchmark (pore.data.protocol).
+    family = adapter_for(model, cfg.model.adapter).name
+    pad_to_square = protocol.pads(benchmark.name, family)
+    images_padded = pad_to_square or processor_pads(processor.image_processor)
+    max_new_tokens = (
+        protocol.tokens(benchmark.name) if cfg.max_new_tokens is None else int(cfg.max_new_tokens)
+    )
     module = VLMEvaluator(
         model,
         processor,
         strategy,
         benchmark,
-        max_new_tokens=int(cfg.max_new_tokens),
+        max_new_tokens=max_new_tokens,
         adapter=cfg.model.adapter,
+        images_padded=images_padded,
     )
     skip = prediction_files.done_ids(output_dir)
     datamodule = BenchmarkDataModule(
-        benchmark, source, processor, int(cfg.data.batch_size), int(cfg.data.num_workers), skip_ids=skip
+        benchmark,
+        source,
+        processor,
+        int(cfg.data.batch_size),
+        int(cfg.data.num_workers),
+        skip_ids=skip,
+        conversation=protocol.conversation_for(family),
+        pad_to_square=pad_to_square,
     )
     datamodule.check()
     if skip:
@@ -97,7 +118,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         import wandb
 
         wandb.finish()
-    title = f"{cfg.model.name} | {cfg.data.name} | {strategy.name} "
+    title = f"{cfg.model.name} | {cfg.data.name} | {strategy.name} | protocol {protocol.name} "
     title += f"({strategy.method}, prior {strategy.prior.name})"
     print(summary_table(final.metrics, title))
     print(f"predictions, metrics and config in {output_dir}")

@@ -59,8 +59,8 @@ class ModelAdapter(ABC):
     """Tells the engine where things are in one model family."""
 
     name: str
-    #: whether the family pads images to a square before encoding (LLaVA-1.5); `prior.suppress_padding`
-    #: only makes sense then
+    #: whether the family can encode images padded to a square, one grid over the padded square (LLaVA-1.5);
+    #: `prior.suppress_padding` needs it, and also that the run's preprocessing did pad (Pruner images_padded)
     pads_to_square: bool = False
     #: whether the language model uses 3-D M-RoPE positions (Qwen2-VL), which `strategy.positions=compact`
     #: cannot renumber

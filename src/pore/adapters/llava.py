@@ -37,7 +37,11 @@ def feature_layer_attention(tower: nn.Module, config: Any) -> tuple[nn.Module, A
 @ADAPTERS.register("llava")
 class LlavaAdapter(ModelAdapter):
     name = "llava"
-    pads_to_square = True  # the llava-hf processor pads to a square (`do_pad`, LLaVA's expand2square)
+    # The family can encode pad-to-square images (the grid then covers the padded square), as LLaVA-1.5's own
+    # code does (expand2square). Whether a run's images were padded is the preprocessing's business: the
+    # llava-hf processor centre-crops (CLIPImageProcessor, `do_pad` false), protocol=llava pads; the pipeline
+    # passes that to the Pruner as `images_padded`.
+    pads_to_square = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

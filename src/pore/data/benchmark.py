@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from pore.data.protocol import PROTOCOLS
 from pore.registry import Registry
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -86,7 +87,18 @@ class Benchmark(ABC):
     # logical column -> column name in the default dataset; users remap with `data.columns`
     default_columns: ClassVar[dict[str, str]]
 
-    def __init__(self, columns: Mapping[str, str] | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        columns: Mapping[str, str] | None = None,
+        protocol: str = "default",
+        answer_rule: str | None = None,
+        **options: Any,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise DataError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
+        # Which published evaluation the prompt follows (pore.data.protocol); how the metric reads answers.
+        self.protocol = protocol
+        self.answer_rule = answer_rule
         unknown = set(columns or {}) - set(self.default_columns)
         if unknown:
             raise DataError(
@@ -118,6 +130,10 @@ class Benchmark(ABC):
     def keep_row(self, row: Mapping[str, Any]) -> bool:
         """Whether a row belongs to the configured subset (e.g. one POPE category). Cheap: no image decode."""
         return True
+
+    def metric_options(self) -> dict[str, Any]:
+        """Keyword arguments for the metric's constructor: the protocol's answer rule, when it sets one."""
+        return {"rule": self.answer_rule} if self.answer_rule else {}
 
     def metric_extras(self, metas: list[dict[str, Any]]) -> dict[str, list[Any]]:
         """Keyword arguments for the metric's `update`, from the samples' `meta` (categories, groups, ...)."""

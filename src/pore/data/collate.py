@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pore.data.benchmark import Sample
+from pore.data.protocol import CONVERSATIONS, expand2square, mean_colour
 from pore.data.stream import FailedSample
 
 # LLaVA-1.5's conversation format, used when a processor ships no chat template.
@@ -28,7 +29,11 @@ class PromptBatch:
         return len(self.samples) + len(self.failed)
 
 
-def chat_prompt(processor: Any, text: str) -> str:
+def chat_prompt(processor: Any, text: str, conversation_template: str | None = None) -> str:
+    """The prompt for one user turn: the protocol's conversation template when it sets one for this model
+    family (pore.data.protocol.CONVERSATIONS), else the processor's own chat template."""
+    if conversation_template is not None:
+        return CONVERSATIONS[conversation_template](text)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
@@ -36,8 +41,25 @@ def chat_prompt(processor: Any, text: str) -> str:
 
 
 class PromptCollator:
-    def __init__(self, processor: Any) -> None:
+    """Samples -> processor inputs. `conversation` (a protocol's template name) replaces the chat template;
+    `pad_to_square` pads each image to a square with the image processor's mean colour first (LLaVA-1.5's
+    `expand2square`). Image sizes are always the original ones (what padding suppression needs)."""
+
+    def __init__(self, processor: Any, conversation: str | None = None, pad_to_square: bool = False) -> None:
+        if conversation is not None and conversation not in CONVERSATIONS:
+            raise ValueError(
+                f"unknown conversation {conversation!r}; choose one of: {', '.join(CONVERSATIONS)}"
+            )
         self.processor = processor
+        self.conversation = conversation
+        self.pad_to_square = pad_to_square
+        self.background = mean_colour(processor.image_processor) if pad_to_square else None
+
+    def image(self, sample: Sample) -> Any:
+        """The image as the processor receives it."""
+        if self.pad_to_square:
+            return expand2square(sample.image, self.background)
+        return sample.image
 
     def __call__(self, items: list[Sample | FailedSample]) -> PromptBatch:
         failed = [item for item in items if isinstance(item, FailedSample)]
@@ -48,12 +70,12 @@ class PromptCollator:
                 failed.append(FailedSample(sample.question_id, "the row has no image"))
             else:
                 usable.append(sample)
-        prompts = [chat_prompt(self.processor, sample.text) for sample in usable]
+        prompts = [chat_prompt(self.processor, sample.text, self.conversation) for sample in usable]
         inputs = None
         if usable:
             inputs = dict(
                 self.processor(
-                    images=[sample.image for sample in usable],
+                    images=[self.image(sample) for sample in usable],
                     text=prompts,
                     padding=True,
                     return_tensors="pt",

@@ -21,8 +21,11 @@ class BenchmarkDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         skip_ids: frozenset[str] = frozenset(),
+        conversation: str | None = None,
+        pad_to_square: bool = False,
     ) -> None:
         super().__init__()
+        self.conversation, self.pad_to_square = conversation, pad_to_square
         self.benchmark, self.source, self.processor = benchmark, source, processor
         self.batch_size, self.num_workers, self.skip_ids = batch_size, num_workers, skip_ids
 
@@ -37,5 +40,5 @@ class BenchmarkDataModule(L.LightningDataModule):
             stream,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=PromptCollator(self.processor),
+            collate_fn=PromptCollator(self.processor, self.conversation, self.pad_to_square),
         )

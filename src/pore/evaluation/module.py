@@ -50,6 +50,7 @@ class VLMEvaluator(L.LightningModule):
         benchmark: Benchmark,
         max_new_tokens: int = 16,
         adapter: str | None = None,
+        images_padded: bool | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -58,10 +59,13 @@ class VLMEvaluator(L.LightningModule):
         self.benchmark = benchmark
         self.max_new_tokens = max_new_tokens
         self.adapter = adapter_for(model, adapter)
-        self.pruner = Pruner(model, strategy, self.adapter) if strategy.prunes else None
+        # images_padded: whether the preprocessing padded images to a square (padding suppression needs it).
+        self.pruner = (
+            Pruner(model, strategy, self.adapter, images_padded=images_padded) if strategy.prunes else None
+        )
         # A running score for the progress bar; never synchronised across ranks (the final metrics are
         # computed from the merged predictions).
-        self.live_metric = METRICS[benchmark.metric](sync_on_compute=False)
+        self.live_metric = METRICS[benchmark.metric](sync_on_compute=False, **benchmark.metric_options())
         self.live_answered = 0
         self.live_failed = 0
 

@@ -9,6 +9,7 @@ then removes the rank files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 MERGED = "predictions.jsonl"
 RANK_PATTERN = "predictions.rank*.jsonl"
+log = logging.getLogger("pore")
 
 
 def rank_file(output_dir: Path, rank: int) -> Path:
@@ -58,16 +60,24 @@ def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
-def all_rows(output_dir: Path) -> list[dict[str, Any]]:
-    """Rows of the merged file and of every rank file, first occurrence of each question id kept."""
+def unique_rows(output_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of the merged file and of every rank file, first occurrence of each question id kept, and the
+    ids of the rows dropped for repeating an earlier row's id (in reading order)."""
     seen: set[str] = set()
-    rows = []
+    rows, dropped = [], []
     for path in [output_dir / MERGED, *sorted(output_dir.glob(RANK_PATTERN))]:
         for row in read_rows(path):
             if row["question_id"] not in seen:
                 seen.add(row["question_id"])
                 rows.append(row)
-    return rows
+            else:
+                dropped.append(row["question_id"])
+    return rows, dropped
+
+
+def all_rows(output_dir: Path) -> list[dict[str, Any]]:
+    """Rows of the merged file and of every rank file, first occurrence of each question id kept."""
+    return unique_rows(output_dir)[0]
 
 
 def done_ids(output_dir: Path) -> frozenset[str]:
@@ -77,7 +87,20 @@ def done_ids(output_dir: Path) -> frozenset[str]:
 
 def merge(output_dir: Path) -> list[dict[str, Any]]:
     """Merge every rank's rows into predictions.jsonl (atomically) and remove the rank files."""
-    rows = sorted(all_rows(output_dir), key=lambda row: row["question_id"])
+    rows, dropped = unique_rows(output_dir)
+    if dropped:
+        # Two rows with one id: the benchmark's ids are not unique (or a question was asked twice); only the
+        # first row is scored, so the metric covers fewer rows than were answered.
+        shown = ", ".join(repr(question_id) for question_id in sorted(set(dropped))[:5])
+        log.warning(
+            "%d prediction rows were dropped because their question_id repeats an earlier row's (%s%s); "
+            "only the first row of each id is scored. Check that the benchmark's question ids are unique "
+            "(data.columns.question_id)",
+            len(dropped),
+            shown,
+            ", ..." if len(set(dropped)) > 5 else "",
+        )
+    rows = sorted(rows, key=lambda row: row["question_id"])
     merged = output_dir / MERGED
     partial = merged.with_suffix(".jsonl.tmp")
     with partial.open("w", encoding="utf-8") as handle:

@@ -34,7 +34,7 @@ def benchmark_metrics(benchmark: Benchmark, prefix: str, rows: list[dict[str, An
     if not answered:
         return results
     # Computed once, on rank 0, from the merged rows: no cross-rank synchronisation.
-    metric = METRICS[benchmark.metric](sync_on_compute=False)
+    metric = METRICS[benchmark.metric](sync_on_compute=False, **benchmark.metric_options())
     metric.update(
         [row["prediction"] for row in answered],
         [row["answers"] for row in answered],

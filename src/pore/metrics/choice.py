@@ -15,6 +15,7 @@ import torch
 from torchmetrics import Metric
 
 from pore.metrics._common import IntegerCatStates, cat_state, check_batch
+from pore.metrics.answer_rules import llava_scienceqa_letter, lmms_eval_scienceqa_letter, mmbench_letter
 from pore.metrics.normalize import normalize_exact
 
 # The whole answer is one letter, any case, maybe bracketed or followed by "." / ":": "A", "b", "(C)", "D.".
@@ -74,6 +75,21 @@ def extract_choice(prediction: str, letters: str, options: Sequence[str] | None 
     return found
 
 
+CHOICE_RULES = ("lenient", "llava_scienceqa", "lmms_eval_scienceqa", "mmbench")
+
+
+def read_choice(rule: str, prediction: str, letters: str, options: Sequence[str] | None) -> str | None:
+    """The letter `prediction` picks under an answer rule: `lenient` (extract_choice) or an official one
+    (pore.metrics.answer_rules)."""
+    if rule == "llava_scienceqa":
+        return llava_scienceqa_letter(prediction, len(letters))
+    if rule == "lmms_eval_scienceqa":
+        return lmms_eval_scienceqa_letter(prediction)
+    if rule == "mmbench":
+        return mmbench_letter(prediction, options or [])
+    return extract_choice(prediction, letters, options)
+
+
 def _correct_letter(answer: str, index: int) -> str:
     letter = answer.strip().upper()
     if len(letter) != 1 or letter not in string.ascii_uppercase:
@@ -101,8 +117,13 @@ class MultipleChoiceAccuracy(IntegerCatStates, Metric):
     group: list[torch.Tensor] | torch.Tensor
     group_correct: list[torch.Tensor] | torch.Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, rule: str = "lenient", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if rule not in CHOICE_RULES:
+            raise ValueError(
+                f"unknown multiple-choice answer rule {rule!r}; choose one of: {', '.join(CHOICE_RULES)}"
+            )
+        self.rule = rule
         self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("group", default=[], dist_reduce_fx="cat")
@@ -124,7 +145,7 @@ class MultipleChoiceAccuracy(IntegerCatStates, Metric):
             letters = (
                 string.ascii_uppercase[: len(sample_options)] if sample_options else string.ascii_uppercase
             )
-            right.append(extract_choice(pred, letters, sample_options) == _correct_letter(refs[0], i))
+            right.append(read_choice(self.rule, pred, letters, sample_options) == _correct_letter(refs[0], i))
         self.correct += sum(right)
         self.total += len(right)
         device = self.device
@@ -136,6 +157,7 @@ class MultipleChoiceAccuracy(IntegerCatStates, Metric):
         )
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """{"acc"}, or {"circular_acc", "acc"} with groups: circular accuracy first, as MMBench's headline."""
         results = {"acc": self.correct.double() / self.total.clamp(min=1)}
         groups, right = cat_state(self.group), cat_state(self.group_correct)
         if groups.numel() > 0:
@@ -143,5 +165,5 @@ class MultipleChoiceAccuracy(IntegerCatStates, Metric):
             wrong_per_group = torch.zeros(
                 int(group_of_copy.max()) + 1, dtype=torch.long, device=right.device
             ).index_add_(0, group_of_copy, 1 - right)
-            results["circular_acc"] = (wrong_per_group == 0).double().mean()
+            results = {"circular_acc": (wrong_per_group == 0).double().mean(), **results}
         return results

@@ -9,6 +9,7 @@ import torch
 from torchmetrics import Metric
 
 from pore.metrics._common import check_batch
+from pore.metrics.answer_rules import llava_gqa_answer
 from pore.metrics.normalize import normalize_exact
 
 
@@ -22,6 +23,14 @@ def exact_match(prediction: str, answers: Sequence[str]) -> bool:
     return any(pred == normalize_exact(answer) for answer in answers)
 
 
+def llava_gqa_match(prediction: str, answers: Sequence[str]) -> bool:
+    """LLaVA-1.5's GQA reading (`llava_gqa_answer`) equals a reference string exactly (GQA's eval.py)."""
+    return llava_gqa_answer(prediction) in answers
+
+
+EXACT_RULES = ("exact", "llava_gqa")
+
+
 class ExactMatch(Metric):
     """Share of predictions that match a reference exactly after `normalize_exact` -> {"acc"}."""
 
@@ -32,15 +41,21 @@ class ExactMatch(Metric):
     correct: torch.Tensor
     total: torch.Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, rule: str = "exact", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if rule not in EXACT_RULES:
+            raise ValueError(
+                f"unknown exact-match answer rule {rule!r}; choose one of: {', '.join(EXACT_RULES)}"
+            )
+        self.rule = rule
         self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, predictions: Sequence[str], answers: Sequence[Sequence[str]], **extra: Any) -> None:
         """Add a batch of raw model outputs and, per sample, the list of accepted answers."""
         check_batch(predictions, answers)
-        self.correct += sum(exact_match(pred, refs) for pred, refs in zip(predictions, answers, strict=True))
+        match = exact_match if self.rule == "exact" else llava_gqa_match
+        self.correct += sum(match(pred, refs) for pred, refs in zip(predictions, answers, strict=True))
         self.total += len(predictions)
 
     def compute(self) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import torch
 from torchmetrics import Metric
 
 from pore.metrics._common import IntegerCatStates, cat_state, check_batch
+from pore.metrics.answer_rules import lmms_eval_mme_answer
 
 PERCEPTION_CATEGORIES: tuple[str, ...] = (
     "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
@@ -52,6 +53,11 @@ def category_index(name: str) -> int:
         ) from None
 
 
+# `first_word`: parse_mme_answer; `mme_prefix`: "yes" / "no" within the first four characters, as the MME
+# tool's calculation.py and lmms-eval's parse_pred_ans (from Otter) read it.
+MME_RULES = {"first_word": parse_mme_answer, "mme_prefix": lmms_eval_mme_answer}
+
+
 class MMEMetrics(IntegerCatStates, Metric):
     """MME scores in points, as computed by the official MME tool.
 
@@ -73,8 +79,11 @@ class MMEMetrics(IntegerCatStates, Metric):
     image: list[torch.Tensor] | torch.Tensor
     correct: list[torch.Tensor] | torch.Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, rule: str = "first_word", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if rule not in MME_RULES:
+            raise ValueError(f"unknown MME answer rule {rule!r}; choose one of: {', '.join(MME_RULES)}")
+        self.read = MME_RULES[rule]
         self.add_state("category", default=[], dist_reduce_fx="cat")
         self.add_state("image", default=[], dist_reduce_fx="cat")
         self.add_state("correct", default=[], dist_reduce_fx="cat")
@@ -94,7 +103,7 @@ class MMEMetrics(IntegerCatStates, Metric):
             truth = refs[0].strip().lower()
             if truth not in ("yes", "no"):
                 raise ValueError(f"MME answers must be 'yes' or 'no', got {refs[0]!r} for sample {i}")
-            correct.append(parse_mme_answer(pred) == truth)
+            correct.append(self.read(pred) == truth)
         device = self.device
         # Appended even for an empty batch, so that a rank's lists are never empty at sync time.
         self.category.append(

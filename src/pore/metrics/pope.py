@@ -10,6 +10,7 @@ import torch
 from torchmetrics import Metric
 
 from pore.metrics._common import check_batch
+from pore.metrics.answer_rules import lmms_eval_pope_answer
 
 _WORD = re.compile(r"[a-z0-9']+")
 _NEGATIONS = frozenset({"no", "not"})
@@ -36,6 +37,10 @@ def _label(answer: str, index: int) -> bool:
     return label == "yes"
 
 
+# `pope`: the POPE / LLaVA script's negation rule (parse_pope_answer); `lmms_eval_pope`: exact "yes" / "no".
+POPE_RULES = ("pope", "lmms_eval_pope")
+
+
 class POPEMetrics(Metric):
     """Confusion counts with "yes" as positive -> {"acc", "precision", "recall", "f1", "yes_ratio"}.
 
@@ -51,29 +56,41 @@ class POPEMetrics(Metric):
     fp: torch.Tensor
     tn: torch.Tensor
     fn: torch.Tensor
+    other: torch.Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, rule: str = "pope", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        for name in ("tp", "fp", "tn", "fn"):
+        if rule not in POPE_RULES:
+            raise ValueError(f"unknown POPE answer rule {rule!r}; choose one of: {', '.join(POPE_RULES)}")
+        self.rule = rule
+        # `other`: answers the rule reads as neither yes nor no (lmms_eval_pope only): wrong, and neither a
+        # positive nor a negative prediction.
+        for name in ("tp", "fp", "tn", "fn", "other"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, predictions: Sequence[str], answers: Sequence[Sequence[str]], **extra: Any) -> None:
         """Add raw model outputs; `answers[i][0]` is the ground truth "yes" / "no" (any case)."""
         check_batch(predictions, answers)
-        counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+        counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0, "other": 0}
+        read = parse_pope_answer if self.rule == "pope" else lmms_eval_pope_answer
         for i, (pred, refs) in enumerate(zip(predictions, answers, strict=True)):
             truth = _label(refs[0], i)
-            said_yes = parse_pope_answer(pred) == "yes"
+            said = read(pred)
+            if said is None:
+                counts["other"] += 1
+                continue
+            said_yes = said == "yes"
             counts[("t" if said_yes == truth else "f") + ("p" if said_yes else "n")] += 1
         # One in-place add per counter and batch (not per sample): cheap when the states live on a GPU.
         self.tp += counts["tp"]
         self.fp += counts["fp"]
         self.tn += counts["tn"]
         self.fn += counts["fn"]
+        self.other += counts["other"]
 
     def compute(self) -> dict[str, torch.Tensor]:
         tp, fp, tn, fn = (state.double() for state in (self.tp, self.fp, self.tn, self.fn))
-        total = tp + fp + tn + fn
+        total = tp + fp + tn + fn + self.other.double()
         precision = _ratio(tp, tp + fp)
         recall = _ratio(tp, tp + fn)
         return {

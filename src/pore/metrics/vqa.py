@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torchmetrics import Metric
 
 from pore.metrics._common import check_batch
+from pore.metrics.answer_rules import evalai_normalize
 from pore.metrics.normalize import normalize_vqa
 
 # An answer given by this many annotators counts as fully right.
 HUMAN_AGREEMENT = 3
 
 
-def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+def vqa_score(
+    prediction: str, answers: Sequence[str], normalize: Callable[[str], str] = normalize_vqa
+) -> float:
     """Accuracy of one prediction against its n reference answers, both normalised with `normalize_vqa`.
 
     Mean over the n leave-one-out subsets of the answers of min(1, matches in the subset / 3): with the
@@ -28,14 +31,19 @@ def vqa_score(prediction: str, answers: Sequence[str]) -> float:
     "1000"); its references are stored normalised already, so normalising them too changes nothing on its
     data and keeps other data (TextVQA, raw strings) fair.
     """
-    pred = normalize_vqa(prediction)
-    refs = [normalize_vqa(answer) for answer in answers]
+    pred = normalize(prediction)
+    refs = [normalize(answer) for answer in answers]
     if len(refs) == 1:
         return float(pred == refs[0])
     matches = sum(ref == pred for ref in refs)
     # Leaving out a matching answer leaves matches - 1 in the subset, leaving out another one leaves matches.
     total = sum(min(1.0, (matches - (ref == pred)) / HUMAN_AGREEMENT) for ref in refs)
     return total / len(refs)
+
+
+# `evalai`: the EvalAI processor (its word_tokenize step first) on both sides, as LLaVA's TextVQA evaluator
+# and lmms-eval's TextVQA / VQAv2 do.
+VQA_RULES: dict[str, Callable[[str], str]] = {"vqa": normalize_vqa, "evalai": evalai_normalize}
 
 
 class VQAAccuracy(Metric):
@@ -51,8 +59,11 @@ class VQAAccuracy(Metric):
     score: torch.Tensor
     total: torch.Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, rule: str = "vqa", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if rule not in VQA_RULES:
+            raise ValueError(f"unknown VQA answer rule {rule!r}; choose one of: {', '.join(VQA_RULES)}")
+        self.normalize = VQA_RULES[rule]
         # float64: a sum of many scores in float32 would drift in the 7th digit on large splits.
         self.add_state("score", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -60,7 +71,9 @@ class VQAAccuracy(Metric):
     def update(self, predictions: Sequence[str], answers: Sequence[Sequence[str]], **extra: Any) -> None:
         """Add a batch of raw model outputs and, per sample, the list of reference answers."""
         check_batch(predictions, answers)
-        scores = [vqa_score(pred, refs) for pred, refs in zip(predictions, answers, strict=True)]
+        scores = [
+            vqa_score(pred, refs, self.normalize) for pred, refs in zip(predictions, answers, strict=True)
+        ]
         self.score += torch.tensor(scores, dtype=torch.float64, device=self.score.device).sum()
         self.total += len(scores)
 

@@ -125,8 +125,14 @@ class Pruner:
     """
 
     def __init__(
-        self, model: nn.Module, strategy: Strategy, adapter: str | ModelAdapter | None = None
+        self,
+        model: nn.Module,
+        strategy: Strategy,
+        adapter: str | ModelAdapter | None = None,
+        images_padded: bool | None = None,
     ) -> None:
+        """`images_padded`: whether the images were padded to a square before encoding (the evaluation
+        pipeline knows it from the protocol and the processor); None = the caller vouches for it."""
         compat.warn_if_untested()
         self.model = model
         self.adapter = adapter if isinstance(adapter, ModelAdapter) else adapter_for(model, adapter)
@@ -138,6 +144,12 @@ class Pruner:
             raise ValueError(
                 f"prior.suppress_padding drops tokens of the pad-to-square border, but {self.adapter.name} "
                 f"models do not pad images to a square; set strategy.prior.suppress_padding=false"
+            )
+        if strategy.prior.suppress_padding and images_padded is False:
+            raise ValueError(
+                "prior.suppress_padding drops tokens of the pad-to-square border, but these images were not "
+                "padded to a square (the llava-hf processor resizes and centre-crops them: no border); use "
+                "protocol=llava (LLaVA-1.5's expand2square padding) or strategy.prior.suppress_padding=false"
             )
         self.positions = self._resolve_positions()
         self.last_record: PruningRecord | None = None

@@ -255,9 +255,13 @@ def sample_views(
 
 def _metric(config: DictConfig) -> Any:
     try:
-        from pore.data import BENCHMARKS
+        from functools import partial
+
+        from pore.config import build_benchmark
         from pore.metrics import METRICS
 
-        return METRICS[BENCHMARKS.get(str(config.data.benchmark)).metric]
+        # The run's benchmark as its protocol built it, so that answers are read by the protocol's rule.
+        benchmark = build_benchmark(config)[0]
+        return partial(METRICS[benchmark.metric], **benchmark.metric_options())
     except Exception:
         return None

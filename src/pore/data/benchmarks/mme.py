@@ -30,8 +30,12 @@ class MME(Benchmark):
 
     def to_sample(self, row: Mapping[str, Any]) -> Sample:
         question = str(self.column(row, "question"))
-        # MME questions end with "Please answer yes or no."; LLaVA-1.5 swaps that for the short-answer suffix.
-        question = question.replace("Please answer yes or no.", "").strip()
+        if self.protocol == "lmms_eval":
+            # mme_doc_to_text: strip, then drop " Please answer yes or no." (with its leading space).
+            question = question.strip().replace(" Please answer yes or no.", "")
+        else:
+            # MME questions end with "Please answer yes or no."; LLaVA-1.5 swaps it for the short suffix.
+            question = question.replace("Please answer yes or no.", "").strip()
         return Sample(
             question_id=self.question_id(row),
             text=f"{question}\n{SHORT_ANSWER}",

@@ -39,9 +39,12 @@ class POPE(Benchmark):
         return f"{self.column(row, 'category')}/{self.column(row, 'question_id')}"
 
     def to_sample(self, row: Mapping[str, Any]) -> Sample:
+        question = str(self.column(row, "question"))
+        if self.protocol == "lmms_eval":
+            question = question.strip()  # pope_doc_to_text
         return Sample(
             question_id=self.question_id(row),
-            text=f"{self.column(row, 'question')}\n{SHORT_ANSWER}",
+            text=f"{question}\n{SHORT_ANSWER}",
             answers=[str(self.column(row, "answer")).strip().lower()],
             image=decode_image(self.column(row, "image")),
             meta={"category": self.column(row, "category")},

@@ -38,7 +38,9 @@ class ScienceQAImg(Benchmark):
     def to_sample(self, row: Mapping[str, Any]) -> Sample:
         choices = [str(c) for c in self.column(row, "choices")]
         letters = string.ascii_uppercase[: len(choices)]
-        hint = str(self.column(row, "hint") or "").strip()
+        hint = str(self.column(row, "hint") or "")
+        if self.protocol != "lmms_eval":
+            hint = hint.strip()  # sqa_doc_to_text keeps the hint as it is
         options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True))
         context = f"Context: {hint}\n" if hint else ""
         return Sample(

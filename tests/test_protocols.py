@@ -1,0 +1,536 @@
+"""Evaluation protocols (`protocol=default|llava|lmms_eval`): prompts, preprocessing, answer rules, wiring.
+
+Every expected prompt below is written out by hand from the official code (haotian-liu/LLaVA
+`llava/eval/model_vqa_*.py`, `llava/conversation.py`; lmms-eval `lmms_eval/tasks/*/utils.py` and yaml), for
+rows in the benchmarks' real column schemas read back from local parquet files. The benchmarks are built
+from the composed Hydra config, so the protocol files in `conf/protocol/` are what is tested.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may be fetched from a hub: switched off before `datasets` is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import hydra
+import pytest
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from benchmark_tables import image_cell, vqav2_row, write_table
+from conftest import build_tiny_llava
+from pipeline_fixtures import run_cli
+from pore import build_strategy
+from pore.config import asset_path, build_benchmark, build_protocol, register_resolvers
+from pore.data import Benchmark, PromptCollator, Sample
+from pore.data.loading import open_stream
+from pore.data.protocol import Protocol, expand2square, mean_colour, vicuna_v1_prompt
+from pore.evaluation import predictions
+from pore.metrics import METRICS
+from pore.metrics.answer_rules import (
+    evalai_normalize,
+    llava_gqa_answer,
+    llava_scienceqa_letter,
+    lmms_eval_mme_answer,
+    lmms_eval_pope_answer,
+    lmms_eval_scienceqa_letter,
+    mmbench_letter,
+)
+from pore.metrics.normalize import normalize_vqa
+from pore.pruning import Pruner
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+PROTOCOLS = ("default", "llava", "lmms_eval")
+SHORT = "\nAnswer the question using a single word or phrase."
+LETTER = "\nAnswer with the option's letter from the given choices directly."
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+Compose = Callable[..., DictConfig]
+
+
+@pytest.fixture(scope="module")
+def compose() -> Iterator[Compose]:
+    register_resolvers()
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield functools.cache(lambda *overrides: hydra.compose("config", overrides=list(overrides)))
+
+
+def benchmark_for(compose: Compose, protocol: str, data: str, path: Path) -> Benchmark:
+    cfg = compose(f"protocol={protocol}", f"data={data}", f"data.path={path}")
+    return build_benchmark(cfg)[0]
+
+
+def texts(compose: Compose, data: str, path: Path, config: str | None, split: str) -> dict[str, list[str]]:
+    """{protocol: the prompt text of every row}."""
+    rows = list(open_stream(str(path), config, split))
+    return {
+        protocol: [benchmark_for(compose, protocol, data, path).to_sample(row).text for row in rows]
+        for protocol in PROTOCOLS
+    }
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def test_every_protocol_file_composes_and_builds(compose: Compose) -> None:
+    files = sorted(path.stem for path in (CONF / "protocol").glob("*.yaml"))
+    assert files == sorted(PROTOCOLS)
+    for name in files:
+        protocol = build_protocol(compose(f"protocol={name}"))
+        assert protocol.name == name
+    assert build_protocol(compose()).name == "default"  # the default list picks today's behaviour
+
+
+def test_protocol_settings_per_benchmark(compose: Compose) -> None:
+    llava = build_protocol(compose("protocol=llava"))
+    lmms = build_protocol(compose("protocol=lmms_eval"))
+    default = build_protocol(compose())
+    # model_vqa_loader.py's 128; model_vqa_science / model_vqa_mmbench 1024.
+    assert [llava.tokens(b) for b in ("gqa", "pope", "scienceqa_img", "mmbench")] == [128, 128, 1024, 1024]
+    # Each lmms-eval task yaml's generation_kwargs.max_new_tokens.
+    assert [lmms.tokens(b) for b in ("gqa", "vqav2", "mme", "scienceqa_img", "pope", "mmbench")] == [
+        16,
+        16,
+        16,
+        16,
+        128,
+        1024,
+    ]
+    assert default.tokens("gqa") == default.tokens("mmbench") == 16
+    # expand2square for LLaVA-1.5 only; lmms-eval's llava class keeps MMBench / ScienceQA "original".
+    assert llava.pads("mmbench", "llava") and not llava.pads("mmbench", "llava_next")
+    assert lmms.pads("gqa", "llava") and not lmms.pads("mmbench", "llava")
+    assert not lmms.pads("scienceqa_img", "llava") and not default.pads("gqa", "llava")
+    assert llava.conversation_for("llava") == "vicuna_v1" and llava.conversation_for("qwen2_vl") is None
+    assert default.conversation_for("llava") is None
+    assert lmms.processor_options("qwen2_vl") == {"min_pixels": 3136, "max_pixels": 602112}
+    assert lmms.processor_options("qwen2_5_vl") == {"min_pixels": 200704, "max_pixels": 1605632}
+    assert lmms.processor_options("llava") == {} and llava.processor_options("qwen2_vl") == {}
+
+
+def test_bad_protocol_settings_say_what_is_valid() -> None:
+    with pytest.raises(
+        ValueError, match="unknown protocol 'llava2'; choose one of: default, llava, lmms_eval"
+    ):
+        Protocol.from_mapping({"name": "llava2"})
+    with pytest.raises(ValueError, match="unknown template 'chatml'; choose one of: vicuna_v1"):
+        Protocol.from_mapping({"name": "llava", "conversation": {"llava": "chatml"}})
+    with pytest.raises(ValueError, match=r"unknown protocol settings \['prompts'\]"):
+        Protocol.from_mapping({"name": "llava", "prompts": {}})
+    with pytest.raises(ValueError, match="unknown multiple-choice answer rule 'strict'"):
+        METRICS["multiple_choice"](rule="strict")
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+
+def test_short_answer_prompts_under_every_protocol(compose: Compose, tmp_path: Path) -> None:
+    """VQAv2 and GQA: the question and the short-answer suffix under all three protocols."""
+    write_table(
+        tmp_path / "vqav2", "vqav2", [vqav2_row(7, "What color is the bus?", ["red"] * 10, image_cell(3, 2))]
+    )
+    assert texts(compose, "vqav2", tmp_path / "vqav2", None, "test") == {
+        p: ["What color is the bus?\nAnswer the question using a single word or phrase."] for p in PROTOCOLS
+    }
+    row = {"id": "q1", "imageId": "n1", "question": "Is the cup on the left?", "answer": "yes"}
+    for protocol in PROTOCOLS:
+        gqa = benchmark_for(compose, protocol, "gqa", tmp_path)
+        gqa.prepare(lambda config, split: [{"id": "n1", "image": image_cell(2, 2)}])
+        assert (
+            gqa.to_sample(row).text
+            == "Is the cup on the left?\nAnswer the question using a single word or phrase."
+        )
+
+
+TEXTVQA_FEATURES = datasets.Features(
+    {
+        "image_id": datasets.Value("string"),
+        "question_id": datasets.Value("int64"),
+        "question": datasets.Value("string"),
+        "image": datasets.Image(),
+        "answers": datasets.Sequence(datasets.Value("string")),
+        "ocr_tokens": datasets.Sequence(datasets.Value("string")),
+        "set_name": datasets.Value("string"),
+    }
+)
+
+
+def test_textvqa_prompts(compose: Compose, tmp_path: Path) -> None:
+    """lmms-eval capitalises the question (str.capitalize); LLaVA-1.5's question file adds the OCR tokens."""
+    row = {
+        "image_id": "003a8ae2ef43b901",
+        "question_id": 34602,
+        "question": "what is the brand of this Camera?",
+        "image": image_cell(6, 4),
+        "answers": ["dakota"] * 10,
+        "ocr_tokens": ["DAKOTA", "digital", "1"],
+        "set_name": "val",
+    }
+    tmp_path.mkdir(exist_ok=True)
+    datasets.Dataset.from_list([row], features=TEXTVQA_FEATURES).to_parquet(
+        str(tmp_path / "validation-00000-of-00001.parquet")
+    )
+    assert texts(compose, "textvqa", tmp_path, None, "validation") == {
+        "default": ["what is the brand of this Camera?\nAnswer the question using a single word or phrase."],
+        "llava": [
+            "what is the brand of this Camera?\nReference OCR token: DAKOTA, digital, 1\n"
+            "Answer the question using a single word or phrase."
+        ],
+        "lmms_eval": [
+            "What is the brand of this camera?\nAnswer the question using a single word or phrase."
+        ],
+    }
+
+
+def test_pope_and_mme_prompts(compose: Compose, tmp_path: Path) -> None:
+    """lmms-eval strips the POPE question; MME drops " Please answer yes or no." after stripping."""
+    pope = {
+        "id": "0",
+        "question_id": "1",
+        "question": "Is there a dog in the image? ",
+        "answer": "yes",
+        "image_source": "COCO_val2014_000000001",
+        "image": image_cell(3, 3),
+        "category": "adversarial",
+    }
+    write_table(tmp_path / "pope", "pope", [pope])
+    assert texts(compose, "pope", tmp_path / "pope", None, "test") == {
+        "default": ["Is there a dog in the image? \nAnswer the question using a single word or phrase."],
+        "llava": ["Is there a dog in the image? \nAnswer the question using a single word or phrase."],
+        "lmms_eval": ["Is there a dog in the image?\nAnswer the question using a single word or phrase."],
+    }
+    mme = {
+        "question_id": "code_reasoning/0020.png",
+        "image": image_cell(3, 3),
+        "question": "Is this a python code?  Please answer yes or no.",
+        "answer": "Yes",
+        "category": "code_reasoning",
+    }
+    write_table(tmp_path / "mme", "mme", [mme])
+    assert texts(compose, "mme", tmp_path / "mme", None, "test") == {
+        "default": ["Is this a python code?\nAnswer the question using a single word or phrase."],
+        "llava": ["Is this a python code?\nAnswer the question using a single word or phrase."],
+        "lmms_eval": ["Is this a python code? \nAnswer the question using a single word or phrase."],
+    }
+
+
+def test_scienceqa_prompts(compose: Compose, tmp_path: Path) -> None:
+    """A hint becomes "Context: ...", an empty one nothing; lmms-eval keeps the hint's own whitespace."""
+    rows = [
+        {
+            "image": image_cell(7, 2),
+            "question": "Which animal eats grass?",
+            "choices": ["rabbit", "hawk", "snake"],
+            "answer": 0,
+            "hint": "The diagram shows a food web. ",
+            "task": "closed choice",
+            "subject": "natural science",
+        },
+        {
+            "image": image_cell(2, 7),
+            "question": "Which pole of the magnet is marked?",
+            "choices": ["north", "south"],
+            "answer": 1,
+            "hint": "",
+            "task": "closed choice",
+            "subject": "natural science",
+        },
+    ]
+    write_table(tmp_path / "ScienceQA-IMG", "scienceqa_img", rows)
+    stripped = [
+        "Context: The diagram shows a food web.\nWhich animal eats grass?\nA. rabbit\nB. hawk\nC. snake\n"
+        "Answer with the option's letter from the given choices directly.",
+        "Which pole of the magnet is marked?\nA. north\nB. south\n"
+        "Answer with the option's letter from the given choices directly.",
+    ]
+    assert texts(compose, "scienceqa_img", tmp_path, "ScienceQA-IMG", "test") == {
+        "default": stripped,
+        "llava": stripped,
+        "lmms_eval": [
+            "Context: The diagram shows a food web. \nWhich animal eats grass?\nA. rabbit\nB. hawk\n"
+            "C. snake\nAnswer with the option's letter from the given choices directly.",
+            stripped[1],
+        ],
+    }
+
+
+def mmbench_row(index: int, hint: str | None, options: list[str | None]) -> dict[str, Any]:
+    a, b, c, d = options
+    return {
+        "index": index,
+        "question": "What does the sign say?",
+        "hint": hint,
+        **{"A": a, "B": b, "C": c, "D": d},
+        "answer": "A",
+        "category": "ocr",
+        "image": image_cell(4, 4),
+        "source": "MMBench",
+        "split": "dev",
+    }
+
+
+def test_mmbench_prompts(compose: Compose, tmp_path: Path) -> None:
+    """LLaVA: "hint\\nquestion\\nA. ..." up to the first missing option; lmms-eval: "hint question There are
+    several options:\\nA. ...", a blank line, then the instruction."""
+    rows = [
+        mmbench_row(12, "Look at the sign.", ["stop", "go", "wait", None]),
+        mmbench_row(13, None, ["go", None, "stop", "nan"]),
+    ]
+    write_table(tmp_path / "en", "mmbench", rows, split="dev")
+    assert texts(compose, "mmbench", tmp_path, "en", "dev") == {
+        "default": [
+            "Look at the sign.\nWhat does the sign say?\nA. stop\nB. go\nC. wait\n"
+            "Answer with the option's letter from the given choices directly.",
+            "What does the sign say?\nA. go\nC. stop\n"
+            "Answer with the option's letter from the given choices directly.",
+        ],
+        "llava": [
+            "Look at the sign.\nWhat does the sign say?\nA. stop\nB. go\nC. wait\n"
+            "Answer with the option's letter from the given choices directly.",
+            "What does the sign say?\nA. go\n"
+            "Answer with the option's letter from the given choices directly.",
+        ],
+        "lmms_eval": [
+            "Look at the sign. What does the sign say? There are several options:\nA. stop\nB. go\n"
+            "C. wait\n\nAnswer with the option's letter from the given choices directly.",
+            "What does the sign say? There are several options:\nA. go\nC. stop\n\n"
+            "Answer with the option's letter from the given choices directly.",
+        ],
+    }
+    llava = benchmark_for(compose, "llava", "mmbench", tmp_path)
+    sample = llava.to_sample(list(open_stream(str(tmp_path), "en", "dev"))[1])
+    assert sample.meta == {"options": ["go"], "group": 13}  # the letters the prompt listed
+
+
+# ----------------------------------------------------------------------------------- conversation, images
+
+
+@pytest.fixture(scope="module")
+def processor() -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(asset_path("tiny-llava"))
+
+
+def test_vicuna_v1_prompt_and_the_models_own_template(processor: Any) -> None:
+    """conv_vicuna_v1.get_prompt() with "<image>\\n" + text: system, " USER: ", the turn, " ASSISTANT:"."""
+    assert vicuna_v1_prompt("What is it?") == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is it? ASSISTANT:"
+    )
+    sample = Sample("q", "What is it?", ["cat"], Image.new("RGB", (4, 4)))
+    assert PromptCollator(processor, conversation="vicuna_v1")([sample]).prompts == [
+        f"{VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT:"
+    ]
+    assert PromptCollator(processor)([sample]).prompts == ["USER: <image>\nWhat is it? ASSISTANT:"]
+
+
+def test_expand2square_by_hand() -> None:
+    """A 3 x 1 (w x h) image becomes 3 x 3 with the content on row (3 - 1) // 2 = 1; a 2 x 5 one 5 x 5 with
+    the content in columns 1-2 ((5 - 2) // 2 = 1 on the left, two padding columns on the right)."""
+    red, bg = (200, 0, 0), (10, 20, 30)
+    wide = expand2square(Image.new("RGB", (3, 1), red), bg)
+    assert wide.size == (3, 3)
+    assert [[wide.getpixel((x, y)) for x in range(3)] for y in range(3)] == [[bg] * 3, [red] * 3, [bg] * 3]
+    tall = expand2square(Image.new("RGB", (2, 5), red), bg)
+    assert tall.size == (5, 5)
+    assert [tall.getpixel((x, 2)) for x in range(5)] == [bg, red, red, bg, bg]
+    square = Image.new("RGB", (2, 2), red)
+    assert expand2square(square, bg) is square
+
+
+def test_mean_colour_is_the_official_background(processor: Any) -> None:
+    """int(x * 255) of the CLIP mean: (122, 116, 104), the colour llava/conversation.py pads with."""
+    assert mean_colour(processor.image_processor) == (122, 116, 104)
+
+
+def test_collator_pads_to_square_before_the_processor(processor: Any) -> None:
+    """With pad_to_square a 64 x 32 image keeps its content in the middle rows and the mean colour above
+    and below (normalised to about 0); without, the processor's centre crop leaves only content. The image
+    size handed to the pruner stays the original one."""
+    red = Sample("q", "What is it?", ["cat"], Image.new("RGB", (64, 32), (255, 0, 0)))
+    padded = PromptCollator(processor, pad_to_square=True)([red])
+    cropped = PromptCollator(processor)([red])
+    pixels = padded.inputs["pixel_values"][0]  # (3, 64, 64)
+    mean = torch.tensor(processor.image_processor.image_mean)
+    std = torch.tensor(processor.image_processor.image_std)
+    background = (torch.tensor([122, 116, 104]) / 255 - mean) / std
+    content = (torch.tensor([1.0, 0.0, 0.0]) - mean) / std
+    assert torch.allclose(pixels[:, 2, 32], background, atol=0.01)  # top border
+    assert torch.allclose(pixels[:, 61, 32], background, atol=0.01)  # bottom border
+    assert torch.allclose(pixels[:, 32, 32], content, atol=0.01)
+    assert torch.allclose(cropped.inputs["pixel_values"][0][:, 2, 32], content, atol=0.01)
+    assert padded.image_sizes == cropped.image_sizes == [[(32, 64)]]
+
+
+# ----------------------------------------------------------------------------------------- answer rules
+
+
+def test_llava_scienceqa_rule() -> None:
+    """eval_science_qa.py: a bare letter, "<letter>. ", or "The answer is <letter>"; within the options."""
+    assert llava_scienceqa_letter("B", 3) == "B"
+    assert llava_scienceqa_letter("C. snake", 3) == "C"
+    assert llava_scienceqa_letter("B\nbecause it eats grass", 3) == "B"  # newline -> ". "
+    assert llava_scienceqa_letter("I think the answer is A.", 3) is None  # lowercase "the"
+    assert llava_scienceqa_letter("So The answer is A", 3) == "A"
+    assert llava_scienceqa_letter("D", 3) is None  # not an option
+    assert llava_scienceqa_letter("C) snake", 3) is None
+    assert llava_scienceqa_letter("rabbit", 3) is None
+
+
+def test_lmms_eval_scienceqa_strict_rule() -> None:
+    """sqa_process_results: the letter itself, or a capital followed by a period; nothing else."""
+    assert lmms_eval_scienceqa_letter("B") == "B"
+    assert lmms_eval_scienceqa_letter("B. hawk") == "B"
+    assert lmms_eval_scienceqa_letter("b") == "b"  # compared with "B": wrong
+    assert lmms_eval_scienceqa_letter("B) hawk") is None
+    assert lmms_eval_scienceqa_letter("The answer is B") is None
+    metric = METRICS["multiple_choice"](rule="lmms_eval_scienceqa")
+    options = [["rabbit", "hawk"]] * 4
+    metric.update(["B", "b", "B. hawk", "(B)"], [["B"]] * 4, options=options)
+    assert float(metric.compute()["acc"]) == 0.5
+    lenient = METRICS["multiple_choice"]()
+    lenient.update(["B", "b", "B. hawk", "(B)"], [["B"]] * 4, options=options)
+    assert float(lenient.compute()["acc"]) == 1.0
+
+
+def test_mmbench_can_infer_rule() -> None:
+    """The MMBench tool's matching: a lone letter (not "A" in a longer sentence), one delimited letter, or
+    exactly one option text inside the answer."""
+    options = ["stop", "go", "wait"]
+    assert mmbench_letter("B", options) == "B"
+    assert mmbench_letter("B. go", options) == "B"
+    assert mmbench_letter("The answer is (C).", options) == "C"
+    assert mmbench_letter("I would say go", options) == "B"  # the option text
+    assert mmbench_letter("go or stop", options) is None  # two option texts
+    assert mmbench_letter("A sign that means wait", options) == "C"  # "A" may be an article: text match
+    assert mmbench_letter("E", options) == "E"  # A-E whatever the options: then wrong
+    assert mmbench_letter("B or C", options) is None
+
+
+def test_yes_no_and_short_answer_rules() -> None:
+    assert [lmms_eval_pope_answer(a) for a in ("Yes", " no ", "Yes.", "yes, there is")] == [
+        "yes",
+        "no",
+        None,
+        None,
+    ]
+    assert [lmms_eval_mme_answer(a) for a in ("Yes.", "N", "None of them", "It is")] == [
+        "yes",
+        "no",
+        "no",
+        None,
+    ]
+    assert llava_gqa_answer("Table.") == "table" and llava_gqa_answer("table ") == "table "
+    pope = METRICS["pope"](rule="lmms_eval_pope")
+    pope.update(["Yes.", "yes", "no", "No"], [["yes"], ["yes"], ["yes"], ["no"]])
+    got = {key: float(value) for key, value in pope.compute().items()}
+    # tp 1, fn 1, tn 1 and one unreadable answer: acc 2 / 4, recall 1 / 2.
+    assert got["acc"] == 0.5 and got["recall"] == 0.5 and got["precision"] == 1.0
+    gqa = METRICS["exact_match"](rule="llava_gqa")
+    gqa.update(["Table.", "Red table", "the table"], [["table"], ["red table"], ["table"]])
+    assert float(gqa.compute()["acc"]) == pytest.approx(2 / 3)
+
+
+def test_evalai_word_tokenize_step() -> None:
+    """The EvalAI processor drops commas and "?" before the VQA normalisation, which would turn them into
+    spaces, and splits off "'s"."""
+    assert evalai_normalize("Dakota,Digital") == "dakotadigital"
+    assert normalize_vqa("Dakota,Digital") == "dakota digital"
+    assert evalai_normalize("Dakota's?") == "dakota 's"
+    evalai, vqa = METRICS["vqa_accuracy"](rule="evalai"), METRICS["vqa_accuracy"]()
+    for metric in (evalai, vqa):
+        metric.update(["Dakota,Digital"], [["dakotadigital"] * 10])
+    assert float(evalai.compute()["acc"]) == 1.0 and float(vqa.compute()["acc"]) == 0.0
+
+
+def test_protocol_rules_reach_the_benchmarks_metric(compose: Compose, tmp_path: Path) -> None:
+    assert benchmark_for(compose, "lmms_eval", "scienceqa_img", tmp_path).metric_options() == {
+        "rule": "lmms_eval_scienceqa"
+    }
+    assert benchmark_for(compose, "llava", "scienceqa_img", tmp_path).metric_options() == {
+        "rule": "llava_scienceqa"
+    }
+    assert benchmark_for(compose, "llava", "mmbench", tmp_path).metric_options() == {"rule": "mmbench"}
+    assert benchmark_for(compose, "default", "mmbench", tmp_path).metric_options() == {}
+
+
+# ------------------------------------------------------------------------- MMBench headline, duplicates
+
+
+def test_mmbench_headline_is_circular_accuracy() -> None:
+    """Two rotations of question 12 (one wrong) and question 5 alone (right): circular 1 / 2, listed first."""
+    metric = METRICS["multiple_choice"](rule="mmbench")
+    metric.update(
+        ["A", "B", "D"],
+        [["A"], ["C"], ["D"]],
+        options=[["stop", "go", "wait"], ["go", "wait", "stop"], ["one", "two", "three", "four"]],
+        groups=[12, 12, 5],
+    )
+    results = metric.compute()
+    assert list(results) == ["circular_acc", "acc"]
+    assert float(results["circular_acc"]) == 0.5 and float(results["acc"]) == pytest.approx(2 / 3)
+
+
+def test_merging_warns_about_dropped_duplicate_question_ids(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    row = {"question_id": "7", "prediction": "A", "error": None}
+    predictions.append_rows(predictions.rank_file(tmp_path, 0), [row, {**row, "prediction": "B"}])
+    predictions.append_rows(predictions.rank_file(tmp_path, 1), [{**row, "question_id": "8"}])
+    with caplog.at_level(logging.WARNING, logger="pore"):
+        merged = predictions.merge(tmp_path)
+    assert [(r["question_id"], r["prediction"]) for r in merged] == [("7", "A"), ("8", "A")]
+    assert (
+        "1 prediction rows were dropped because their question_id repeats an earlier row's ('7')"
+        in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pore"):
+        predictions.merge(tmp_path)  # nothing repeats now: no warning
+    assert caplog.text == ""
+
+
+# --------------------------------------------------------------------------------- padding suppression
+
+
+def test_padding_suppression_is_refused_for_centre_cropped_images() -> None:
+    model = build_tiny_llava()
+    strategy = build_strategy("fastv", keep=12, prior={"suppress_padding": True})
+    with pytest.raises(ValueError, match=r"these images were not padded to a square .* protocol=llava"):
+        Pruner(model, strategy, images_padded=False)
+    assert Pruner(model, strategy, images_padded=True).strategy.prior.suppress_padding
+    assert Pruner(model, build_strategy("fastv", keep=12), images_padded=False).strategy.method == "fastv"
+
+
+def test_cli_runs_each_protocol_with_the_shipped_model(tmp_path: Path) -> None:
+    """`python src/run.py protocol=... data.limit=4` on the embedded model and benchmark: protocol=llava pads
+    (so padding suppression runs) and writes the vicuna_v1 prompt; protocol=lmms_eval runs; the default
+    protocol (llava-hf centre crop) refuses padding suppression."""
+    common = ["data.limit=4", "logger=none", "figures.enabled=false", "strategy=fastv", "strategy.keep=16"]
+    llava = run_cli(
+        "protocol=llava", "strategy.prior.suppress_padding=true", f"output_dir={tmp_path / 'a'}", *common
+    )
+    assert llava.returncode == 0, llava.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["prompt"].startswith(f"{VICUNA_SYSTEM} USER: <image>\n") for r in rows)
+    assert "protocol llava" in llava.stdout
+    lmms = run_cli("protocol=lmms_eval", f"output_dir={tmp_path / 'b'}", *common)
+    assert lmms.returncode == 0, lmms.stderr[-3000:]
+    assert len((tmp_path / "b" / "predictions.jsonl").read_text().splitlines()) == 4
+    refused = run_cli("strategy.prior.suppress_padding=true", f"output_dir={tmp_path / 'c'}", *common)
+    assert refused.returncode != 0 and "these images were not padded to a square" in refused.stderr
