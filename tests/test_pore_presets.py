@@ -185,7 +185,7 @@ def test_fastv_preset_is_the_authors_setting(compose: Compose) -> None:
     ("preset", "method", "layer", "ratio", "keep", "sigma", "threshold"),
     [
         ("pore_authors_pdrop", "pdrop", (2, 10, 20), (0.32, 0.16, 0.08), None, 1.915, 0.01),
-        ("pore_authors_sparsevlm", "sparsevlm", 3, None, 128, 1.995, 0.5),
+        ("pore_authors_sparsevlm", "sparsevlm", (3, 7, 16), None, (303, 110, 36), 1.995, 0.5),
     ],
 )
 def test_pdrop_and_sparsevlm_presets_are_the_authors_settings(

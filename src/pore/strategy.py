@@ -284,8 +284,8 @@ STRATEGIES.add(
     Strategy(
         name="pore_authors_sparsevlm",
         method="sparsevlm",
-        layer=3,  # SparseVLM's layer_idx == 2 scores: prune before layer 3
-        keep=128,
+        layer=(3, 7, 16),  # SparseVLM scores in layers 2 / 6 / 15 and prunes right after
+        keep=(303, 110, 36),  # the official v1 table for RETAINED_TOKENS=128
         ratio=None,
         reweight="first",
         prior=PriorConfig(**_AUTHORS_PRIOR, pad_threshold=0.5, params={"sigma": 1.995}),
