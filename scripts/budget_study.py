@@ -10,9 +10,13 @@ every token (the unpruned model is run once, with strategy=none).
 
 A strategy may name a calibrated prior's form after a slash (`pore_calibrated/profile2d`) and its pruning
 layer after an at sign (`fastervlm@2`: FasterVLM pruning before layer 2, like FastV, instead of before the
-language model). PyramidDrop
-strategies get three stages before layers 1, 2 and 3 (the embedded model has 4) keeping 4b, 2b and b tokens
-(capped at the image's tokens), so their last stage meets the budget b; `--pdrop-layers` changes the layers.
+language model). Settings of one strategy go in brackets, separated by semicolons:
+`pdrop[strategy.options.score_from=previous_layer;strategy.positions=original]` runs PyramidDrop as this
+project did before it followed the official code, next to `pdrop`.
+
+Multi-stage strategies (PyramidDrop's and SparseVLM's presets: their names contain `pdrop` or `sparsevlm`) get
+three stages before layers 1, 2 and 3 (the embedded model has 4) keeping 4b, 2b and b tokens (capped at the
+image's tokens), so their last stage meets the budget b; `--stage-layers` changes the layers.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "budget_study")
     parser.add_argument("--json", type=Path, help="also write every cell's metrics here")
-    parser.add_argument("--pdrop-layers", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--stage-layers", type=int, nargs="+", default=[1, 2, 3])
     args, overrides = parser.parse_known_args()
     register_resolvers()
 
@@ -77,7 +81,9 @@ def main() -> None:
     metrics = cells[("none", "all")]
     before = int(metrics["eff/visual_tokens_before"])
     for strategy in args.strategies:
-        name, _, layer = strategy.partition("@")
+        name, _, extra = strategy.partition("[")
+        extra_settings = [setting for setting in extra.rstrip("]").split(";") if setting]
+        name, _, layer = name.partition("@")
         name, _, form = name.partition("/")
         for budget in args.budgets:
             settings = [f"strategy={name}", f"strategy.keep={budget}"]
@@ -85,13 +91,15 @@ def main() -> None:
                 settings.append(f"strategy.prior.form={form}")
             if layer:
                 settings.append(f"strategy.layer={layer}")
-            if "pdrop" in name:
-                stages = len(args.pdrop_layers)
+            if "pdrop" in name or "sparsevlm" in name:
+                stages = len(args.stage_layers)
                 keeps = [min(before, budget * 2 ** (stages - 1 - i)) for i in range(stages)]
-                layers = ",".join(map(str, args.pdrop_layers))
+                layers = ",".join(map(str, args.stage_layers))
                 settings = [f"strategy={name}", f"strategy.layer=[{layers}]", "strategy.ratio=null"]
                 settings.append(f"strategy.keep=[{','.join(map(str, keeps))}]")
-            folder = f"{args.out}/{strategy.replace('/', '-').replace('@', '-K')}-keep{budget}"
+            settings += extra_settings
+            slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in strategy.replace("@", "-K"))
+            folder = f"{args.out}/{slug}-keep{budget}"
             cells[(strategy, str(budget))] = run([*base, *settings, f"output_dir={folder}"])
 
     prefix = next(key.split("/")[0] for key in metrics if key.endswith("/acc"))
