@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,47 +14,71 @@ from pore import config as build
 from pore.data import BenchmarkDataModule
 from pore.evaluation import LiveMetricProgressBar, PredictionWriter, VLMEvaluator
 from pore.evaluation import predictions as prediction_files
+from pore.evaluation.lock import RunLock
 from pore.evaluation.report import FinalMetrics, summary_table
+from pore.errors import UserError
+from pore.preflight import RunPlan, preflight
 
 log = logging.getLogger("pore")
 
 
-class SettingsMismatchError(RuntimeError):
+class SettingsMismatchError(UserError):
     """The output folder holds a run with other settings: resuming into it would mix two experiments."""
 
 
+def _identity(node: Any, key: str) -> Any:
+    """The answer-changing settings under `key`, comparable across checkouts (asset paths relative)."""
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if isinstance(plain, dict) and key == "data":
+        plain = {name: value for name, value in plain.items() if name not in build.DATA_LOGISTICS}
+    return build.portable(plain)
+
+
+def differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """`dotted.key: old -> new` for every leaf that differs (a key missing on one side shows as <unset>)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in sorted(set(old) | set(new), key=str):
+            missing = "<unset>"
+            lines += differences(old.get(key, missing), new.get(key, missing), f"{prefix}.{key}")
+        return lines
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
 def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
+    """Refuse to resume a folder whose answered questions came from other settings.
+
+    A folder without any answered question is free: its stored config (e.g. of a run that failed on a bad
+    setting) is simply replaced."""
     saved_path = output_dir / "config.yaml"
-    if not saved_path.exists():
+    if not saved_path.exists() or not prediction_files.done_ids(output_dir):
         return
     saved = OmegaConf.load(saved_path)
+    changed = []
     for key in build.RUN_IDENTITY:
-        ours = (
-            OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg[key], DictConfig) else cfg[key]
+        changed += differences(_identity(saved.get(key), key), _identity(cfg[key], key), key)
+    if changed:
+        raise SettingsMismatchError(
+            f"{output_dir} holds a run with other settings ({'; '.join(changed)}); "
+            "choose another output_dir, or delete that folder to start over"
         )
-        theirs = (
-            OmegaConf.to_container(saved[key], resolve=True)
-            if isinstance(saved[key], DictConfig)
-            else saved[key]
-        )
-        if isinstance(ours, dict):
-            for logistics in build.DATA_LOGISTICS if key == "data" else ():
-                ours.pop(logistics, None)
-                theirs.pop(logistics, None)
-        if ours != theirs:
-            raise SettingsMismatchError(
-                f"{output_dir} holds a run with other `{key}` settings ({theirs} there, {ours} now); "
-                "choose another output_dir, or delete that folder to start over"
-            )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
-    """Run the evaluation; returns the final metrics on global rank 0 (None on other ranks)."""
-    strategy = build.build_strategy(cfg)
-    strategy.validate()
-    benchmark, source = build.build_benchmark(cfg)
+    """Run the evaluation; returns the final metrics on global rank 0 (None on other ranks).
+
+    Everything checkable without the weights is checked first (`pore.preflight`); then global rank 0 takes
+    the folder's lock (one writer per folder) for the whole run."""
+    plan = preflight(cfg)
     output_dir = Path(str(cfg.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(output_dir) if build.is_first_process() else contextlib.nullcontext()
+    with lock:
+        return _evaluate(cfg, plan, output_dir)
+
+
+def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> dict[str, Any] | None:
+    strategy, benchmark, source = plan.strategy, plan.benchmark, plan.source
     check_resumable(cfg, output_dir)
     if build.is_first_process():
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -72,7 +97,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     datamodule = BenchmarkDataModule(
         benchmark, source, processor, int(cfg.data.batch_size), int(cfg.data.num_workers), skip_ids=skip
     )
-    datamodule.check()
     if skip:
         log.info("resuming in %s: %d questions already answered are skipped", output_dir, len(skip))
 
@@ -85,8 +109,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
 
             return run_figures(cfg, output_dir, rows, processor)
 
+    progress = LiveMetricProgressBar(plan.questions, len(skip), int(cfg.data.batch_size))
     final = FinalMetrics(benchmark, str(cfg.data.name), output_dir, figures)
-    trainer = build.build_trainer(cfg, logger, [PredictionWriter(output_dir), final, LiveMetricProgressBar()])
+    trainer = build.build_trainer(cfg, logger, [PredictionWriter(output_dir), final, progress])
     build.share_cpu_threads(trainer)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -165,8 +165,19 @@ def load_prior_file(path: str | os.PathLike, layer: int | None = None) -> PriorF
     stat = resolved.stat()
     key = (str(resolved), stat.st_mtime_ns, stat.st_size)
     if key not in _FILES:
-        with resolved.open(encoding="utf-8") as handle:
-            _FILES[key] = parse_prior(json.load(handle), resolved)
+        try:
+            with resolved.open(encoding="utf-8") as handle:
+                _FILES[key] = parse_prior(json.load(handle), resolved)
+        except json.JSONDecodeError as error:  # e.g. a file cut short while it was written
+            raise ValueError(
+                f"prior file {resolved} is not valid JSON ({error}); it may be truncated: measure it again "
+                "with python src/calibrate.py"
+            ) from None
+        except (KeyError, TypeError, AttributeError) as error:  # a field missing or of the wrong kind
+            raise ValueError(
+                f"prior file {resolved} is incomplete (missing or malformed {error}); measure it again "
+                "with python src/calibrate.py"
+            ) from None
     return _FILES[key]
 
 
