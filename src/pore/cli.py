@@ -70,7 +70,9 @@ def unknown_key_message(argv: Sequence[str], conf_dir: Path, config_name: str = 
     return None
 
 
-def check_override_keys(conf_dir: Path, config_name: str = "config", argv: Sequence[str] | None = None) -> None:
+def check_override_keys(
+    conf_dir: Path, config_name: str = "config", argv: Sequence[str] | None = None
+) -> None:
     """Exit with status 2 and one line when an override names a setting that does not exist."""
     try:
         message = unknown_key_message(sys.argv[1:] if argv is None else argv, conf_dir, config_name)

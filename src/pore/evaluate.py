@@ -12,11 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from pore import config as build
 from pore.data import BenchmarkDataModule
+from pore.errors import UserError
 from pore.evaluation import LiveMetricProgressBar, PredictionWriter, VLMEvaluator
 from pore.evaluation import predictions as prediction_files
 from pore.evaluation.lock import RunLock
 from pore.evaluation.report import FinalMetrics, summary_table
-from pore.errors import UserError
 from pore.preflight import RunPlan, preflight
 
 log = logging.getLogger("pore")

@@ -10,8 +10,10 @@ one line, exit status 2, nothing written.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
+
 from omegaconf import DictConfig
 
 from pore import config as build
@@ -79,8 +81,10 @@ def check_budgets(strategy: Strategy, facts: ModelFacts) -> None:
                     f"model; use keep <= {n}, or strategy.ratio for a share of each image"
                 )
     fixed = [keep for keep in keeps if keep is not None]
-    if len(fixed) == len(keeps) and any(b > a for a, b in zip(fixed, fixed[1:], strict=False)):
-        raise UserError(f"strategy.keep={fixed} grows from stage to stage; each stage keeps at most the last's")
+    if len(fixed) == len(keeps) and any(b > a for a, b in itertools.pairwise(fixed)):
+        raise UserError(
+            f"strategy.keep={fixed} grows from stage to stage; each stage keeps at most the last's"
+        )
 
 
 def check_data(benchmark: Benchmark, source: StreamSource) -> None:
@@ -95,7 +99,9 @@ def check_data(benchmark: Benchmark, source: StreamSource) -> None:
             raise DataError(f"cannot read the rows of {where}: {type(error).__name__}: {error}") from error
         first = None
     if first is None:
-        raise DataError(f"{where} has no rows (an empty parquet file?); point data.path at the benchmark's data")
+        raise DataError(
+            f"{where} has no rows (an empty parquet file?); point data.path at the benchmark's data"
+        )
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -109,7 +115,9 @@ def check_settings(cfg: DictConfig) -> None:
     for key in ("batch_size", "num_workers"):
         value = cfg.data[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "batch_size" else 0):
-            raise UserError(f"data.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}")
+            raise UserError(
+                f"data.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}"
+            )
 
 
 def preflight(cfg: DictConfig) -> RunPlan:
@@ -123,8 +131,8 @@ def preflight(cfg: DictConfig) -> RunPlan:
         resolved = strategy.validate(num_layers=facts.num_layers)
         if resolved.layers != strategy.layers:
             log.info(
-                "strategy.layer %s is written for a %d-layer language model: pruning before layers %s of this "
-                "%d-layer model (strategy.reference_depth=null keeps them as written)",
+                "strategy.layer %s is written for a %d-layer language model: pruning before layers %s "
+                "of this %d-layer model (strategy.reference_depth=null keeps them as written)",
                 list(strategy.layers),
                 strategy.reference_depth,
                 list(resolved.layers),
@@ -151,4 +159,3 @@ def count_questions(benchmark: Benchmark, source: StreamSource) -> int | None:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
-

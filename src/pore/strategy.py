@@ -66,7 +66,9 @@ class Strategy:
     reweight: Literal["all", "first"] = "all"
     options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
-    reference_depth: int | None = None  # `layer` is written for an LLM this deep (scaled to others); None: as is
+    reference_depth: int | None = (
+        None  # `layer` is written for an LLM this deep (scaled to others); None: as is
+    )
 
     def __post_init__(self) -> None:
         for key in ("layer", "keep", "ratio"):
@@ -128,16 +130,23 @@ class Strategy:
             return self
         reference = self.reference_depth
         if isinstance(reference, bool) or not isinstance(reference, int) or reference < 1:
-            raise ValueError(f"strategy.reference_depth must be a positive integer or null, got {reference!r}")
+            raise ValueError(
+                f"strategy.reference_depth must be a positive integer or null, got {reference!r}"
+            )
         self._check_types()
         lowest = 1 if METHODS.get(self.method).attention_queries is not None else 0
         scaled = tuple(max(lowest, round(layer * num_layers / reference)) for layer in self.layers)
         if any(b <= a for a, b in itertools.pairwise(scaled)) or scaled[-1] >= num_layers:
+            stages, room = len(scaled), num_layers - lowest
+            fix = (
+                f"e.g. strategy.layer={list(range(lowest, lowest + stages))} strategy.reference_depth=null"
+                if stages <= room
+                else f"this model has room for at most {room} stages: give fewer layers, keeps and ratios"
+            )
             raise ValueError(
                 f"strategy.layer={list(self.layers)} (written for a {reference}-layer language model) does "
-                f"not scale to this {num_layers}-layer model (it gives {list(scaled)}); set the layers for "
-                f"this model, e.g. strategy.layer=[...] with increasing values in [{lowest}, {num_layers - 1}] "
-                "strategy.reference_depth=null"
+                f"not scale to this {num_layers}-layer model (it gives {list(scaled)}); set increasing "
+                f"layers in [{lowest}, {num_layers - 1}], {fix}"
             )
         layer = scaled if isinstance(self.layer, tuple) else scaled[0]
         return dataclasses.replace(self, layer=layer, reference_depth=None)

@@ -47,7 +47,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 class RunLock:
-    """`with RunLock(output_dir):` holds the folder for the block (a killed run's lock is taken over later)."""
+    """`with RunLock(output_dir):` holds the folder for the block (a killed run's lock is taken over)."""
 
     def __init__(self, output_dir: str | Path) -> None:
         self.path = Path(output_dir) / LOCK_NAME
@@ -55,7 +55,11 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         for _ in range(3):
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -81,7 +85,9 @@ class RunLock:
         return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
 
     def _message(self, holder: dict[str, Any]) -> str:
-        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+        who = (
+            f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+        )
         return (
             f"{self.path.parent} is in use by another run ({who}); wait for it to finish or choose another "
             f"output_dir (delete {self.path} only if that run is gone)"
