@@ -92,12 +92,17 @@ def check_data(benchmark: Benchmark, source: StreamSource) -> None:
     stream = open_stream(source.path, source.config, source.split)
     benchmark.check_columns(column_names(stream))
     where = f"data.path {source.path!r} (config {source.config!r}, split {source.split!r})"
+    quiet = logging.getLogger("datasets")  # it logs an ERROR of its own before raising on an empty file
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         first = next(iter(stream), None)
     except Exception as error:  # pyarrow raises ArrowInvalid on a parquet file without rows
         if "BatchSize must be greater than 0" not in str(error):
             raise DataError(f"cannot read the rows of {where}: {type(error).__name__}: {error}") from error
         first = None
+    finally:
+        quiet.setLevel(level)
     if first is None:
         raise DataError(
             f"{where} has no rows (an empty parquet file?); point data.path at the benchmark's data"

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pore import build_strategy
+from pore import UnknownNameError, build_strategy
 from pore.bench.architecture import Architecture, resolve_architecture
 from pore.bench.report import build_report, render, write_report
 from pore.bench.runner import Runner
@@ -77,6 +77,8 @@ def check_plan(settings: BenchSettings, architecture: Architecture) -> None:
         budget = min(settings.budgets)
         try:
             build_strategy(name, keep=budget, layer=settings.layer).validate(num_layers=layers)
+        except UnknownNameError as error:
+            raise UserError(f"bench.strategies: {error}") from None
         except ValueError as error:
             raise UserError(
                 f"bench.strategies: {name!r} cannot prune before the one layer bench.layer={settings.layer} "
