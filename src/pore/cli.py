@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pore.errors import USER_ERROR_EXIT, UserError, did_you_mean, user_errors
 
@@ -31,6 +31,11 @@ def _default_choices(conf_dir: Path, config_name: str) -> dict[str, str]:
     return choices
 
 
+def _plain_yaml(path: Path) -> Any:
+    """A YAML config as plain containers, interpolations unresolved (they need the composed tree)."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
 def unknown_key_message(argv: Sequence[str], conf_dir: Path, config_name: str = "config") -> str | None:
     """A one-line message for the first plain `a.b=value` override whose key the selected configs lack."""
     tokens = [token for token in argv if not token.startswith("-") and "=" in token]
@@ -40,7 +45,7 @@ def unknown_key_message(argv: Sequence[str], conf_dir: Path, config_name: str = 
         key = token.split("=", 1)[0]
         if key in groups:
             choices[key] = token.split("=", 1)[1].split(",")[0]
-    root = OmegaConf.load(conf_dir / f"{config_name}.yaml")
+    root = _plain_yaml(conf_dir / f"{config_name}.yaml")
     for token in tokens:
         key = token.split("=", 1)[0]
         if key.startswith(("+", "~", "hydra")) or key in groups or "/" in key or "@" in key:
@@ -50,22 +55,22 @@ def unknown_key_message(argv: Sequence[str], conf_dir: Path, config_name: str = 
             path = conf_dir / parts[0] / f"{choices.get(parts[0], '')}.yaml"
             if not path.is_file():
                 continue  # a sweep expression or an unknown choice: Hydra says it best
-            node: Any = OmegaConf.load(path)
+            node: Any = _plain_yaml(path)
             walked, rest = parts[:1], parts[1:]
         else:
             node, walked, rest = root, [], parts
         for part in rest:
-            if isinstance(node, ListConfig) or not isinstance(node, DictConfig):
+            if not isinstance(node, dict):
                 break
             if part not in node:
                 where = ".".join(walked)
                 names = sorted(str(name) for name in node if name != "defaults")
                 hint = did_you_mean(part, names, prefix=f"{where}." if where else "")
                 full = ".".join([*walked, part])
-                return (
-                    f"unknown setting {full}{hint}; the settings{' of ' + where if where else ''} are: "
-                    f"{', '.join(names)} (to add a new key, write +{key}=...)"
-                )
+                known = f"the settings of {where or 'the run'} are: {', '.join(names)}"
+                if not names:
+                    known = f"{where} has no settings"
+                return f"unknown setting {full}{hint}; {known} (to add a new key, write +{key}=...)"
             node, walked = node[part], [*walked, part]
     return None
 

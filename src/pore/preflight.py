@@ -115,8 +115,9 @@ def check_settings(cfg: DictConfig) -> None:
     kind = str(cfg.logger.kind)
     if kind not in LOGGER_KINDS:
         raise UserError(f"unknown logger.kind {kind!r}; choose one of: {', '.join(LOGGER_KINDS)}")
-    if int(cfg.max_new_tokens) < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    tokens = cfg.max_new_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise UserError(f"max_new_tokens must be an integer >= 1, got {tokens!r}")
     for key in ("batch_size", "num_workers"):
         value = cfg.data[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "batch_size" else 0):

@@ -120,7 +120,7 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
     failed = failed_cells(report)
     if failed:
         raise CellsFailed(
-            f"{len(failed)} benchmark settings failed (their rows say 'error'; the rest of {json_path} is "
-            "valid):\n" + "\n".join(f"  {line}" for line in failed)
+            f"{len(failed)} of {len(report['results'])} benchmark settings failed (their rows say 'error'; "
+            f"the rest of {json_path} is valid):\n" + "\n".join(f"  {line}" for line in failed)
         )
     return report

@@ -33,7 +33,7 @@ def main_metric(metrics: dict[str, Any]) -> tuple[str, Any]:
 
 def job_row(number: int, job_return: JobReturn, output_dir: str) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
-    row.update(job=number, overrides=" ".join(job_return.overrides or []), output_dir=output_dir)
+    row.update(job=number, overrides=list(job_return.overrides or []), output_dir=output_dir)
     if job_return.status != JobStatus.COMPLETED:
         error = job_return._return_value
         row["status"] = f"failed: {type(error).__name__}: {error}"
@@ -56,6 +56,12 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def varying(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with only the overrides that differ between jobs (those of every job say nothing)."""
+    shared = set.intersection(*(set(row["overrides"]) for row in rows)) if len(rows) > 1 else set()
+    return [{**row, "overrides": " ".join(o for o in row["overrides"] if o not in shared)} for row in rows]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row[key]) for key in COLUMNS) + " |" for row in rows]
@@ -63,6 +69,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def write_summary(folder: Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+    rows = varying(rows)
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = folder / "summary.csv", folder / "summary.md"
     with csv_path.open("w", newline="", encoding="utf-8") as handle:
@@ -92,7 +99,10 @@ class MultirunSummary(Callback):
         if self.folder is None or not self.rows:
             return
         csv_path, md_path = write_summary(self.folder, self.rows)
-        print(f"\n{len(self.rows)} jobs:\n{markdown(self.rows)}summary: {csv_path} and {md_path}", flush=True)
+        print(
+            f"\n{len(self.rows)} jobs:\n{markdown(varying(self.rows))}summary: {csv_path} and {md_path}",
+            flush=True,
+        )
         failed = [row for row in self.rows if row["status"].startswith("failed")]
         if failed:
             print(f"{len(failed)} of {len(self.rows)} jobs failed (see the status column)", flush=True)
