@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from pore.evaluation.report import FinalMetrics, summary_table
 from pore.preflight import RunPlan, preflight
 
 log = logging.getLogger("pore")
+IDENTITY = "identity.json"
 
 
 class SettingsMismatchError(UserError):
@@ -45,18 +47,34 @@ def differences(old: Any, new: Any, prefix: str) -> list[str]:
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that change the answers, portable (asset paths relative) and as JSON reads them."""
+    return json.loads(json.dumps({key: _identity(cfg.get(key), key) for key in build.RUN_IDENTITY}))
+
+
+def write_run_config(cfg: DictConfig, output_dir: Path) -> None:
+    """config.yaml (the resolved config, for people) and identity.json (what a resume is checked against:
+    the same in a moved checkout)."""
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (output_dir / IDENTITY).write_text(json.dumps(run_identity(cfg), indent=1, sort_keys=True) + "\n")
+
+
 def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
     """Refuse to resume a folder whose answered questions came from other settings.
 
     A folder without any answered question is free: its stored config (e.g. of a run that failed on a bad
     setting) is simply replaced."""
-    saved_path = output_dir / "config.yaml"
-    if not saved_path.exists() or not prediction_files.done_ids(output_dir):
+    identity_path, saved_path = output_dir / IDENTITY, output_dir / "config.yaml"
+    if not (identity_path.exists() or saved_path.exists()) or not prediction_files.done_ids(output_dir):
         return
-    saved = OmegaConf.load(saved_path)
+    if identity_path.exists():
+        saved = json.loads(identity_path.read_text())
+    else:  # a folder written before identity.json existed
+        saved = run_identity(OmegaConf.load(saved_path))
+    ours = run_identity(cfg)
     changed = []
     for key in build.RUN_IDENTITY:
-        changed += differences(_identity(saved.get(key), key), _identity(cfg[key], key), key)
+        changed += differences(saved.get(key), ours.get(key), key)
     if changed:
         raise SettingsMismatchError(
             f"{output_dir} holds a run with other settings ({'; '.join(changed)}); "
@@ -81,7 +99,7 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> dict[str, Any
     strategy, benchmark, source = plan.strategy, plan.benchmark, plan.source
     check_resumable(cfg, output_dir)
     if build.is_first_process():
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_run_config(cfg, output_dir)
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model, processor = build.load_model_and_processor(cfg)

@@ -115,7 +115,7 @@ def resolve_prior_path(path: str | os.PathLike, layer: int | None = None) -> Pat
         return candidate
     if not resolved.exists():
         raise FileNotFoundError(
-            f"prior file {str(path)!r} not found; write one with python src/calibrate.py (see docs/calibration.md)"
+            f"prior file {str(path)!r} not found; write one with python src/calibrate.py (see the docs)"
         )
     return resolved
 
