@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -180,23 +181,28 @@ def test_pdrop_runs_on_the_four_layer_embedded_model(tmp_path: Path) -> None:
 
 def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_finishes(tmp_path: Path) -> None:
     out = tmp_path / "busy"
-    overrides = spatial_args(out, "data.limit=200", "data.batch_size=1", "strategy.keep=16")
+    overrides = spatial_args(out, "data.limit=40", "data.batch_size=1", "strategy.keep=16")
     env = {**os.environ, **OFFLINE_ENV}
     first = subprocess.Popen(
         [sys.executable, str(RUN), *overrides],
         cwd=REPO,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     deadline = time.time() + 180
     while time.time() < deadline and first.poll() is None and not (out / "predictions.rank0.jsonl").exists():
         time.sleep(0.05)
+    # Paused (alive, holding its lock) while the second starts, so that the test does not race its speed.
+    first.send_signal(signal.SIGSTOP)
     assert first.poll() is None, "the first run ended before the second started"
     holder = json.loads((out / LOCK_NAME).read_text())
     assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-    second = run_cli(*overrides)
+    try:
+        second = run_cli(*overrides)
+    finally:
+        first.send_signal(signal.SIGCONT)
     message = assert_one_line_user_error(second, f"{out} is in use by another run (pid {first.pid} on ")
     assert message.endswith(
         f"wait for it to finish or choose another output_dir (delete {out / LOCK_NAME} only "
@@ -205,7 +211,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_finishes(tmp_p
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-3000:]
     ids = [json.loads(line)["question_id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(ids) == len(set(ids)) == 200  # every sample once
+    assert len(ids) == len(set(ids)) == 40  # every sample once
     assert not (out / LOCK_NAME).exists()  # released at the end
 
 
@@ -302,7 +308,7 @@ def test_multirun_with_a_bad_job_shows_it_in_the_table_and_exits_2(tmp_path: Pat
 def test_progress_bar_has_a_total(tmp_path: Path) -> None:
     result = run_cli(*spatial_args(tmp_path / "bar", "data.limit=6", "data.batch_size=2"))
     assert result.returncode == 0
-    assert "3/3 [" in result.stderr  # batches of this run, with elapsed and remaining time
+    assert "3/3 [" in result.stdout  # batches of this run, with elapsed and remaining time
     assert batches_for(None, 0, 1, 4) is None
     assert batches_for(400, 100, 2, 16) == 10  # 300 left over 2 ranks = 150 each, in batches of 16
 
