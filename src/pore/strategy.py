@@ -135,6 +135,14 @@ class Strategy:
             )
         self._check_types()
         lowest = 1 if METHODS.get(self.method).attention_queries is not None else 0
+        written = self.layers
+        fits_reference = all(lowest <= k < reference for k in written) and all(
+            b > a for a, b in itertools.pairwise(written)
+        )
+        if (
+            num_layers == reference or not fits_reference
+        ):  # nothing to scale, or validate() says what is wrong
+            return dataclasses.replace(self, reference_depth=None)
         scaled = tuple(max(lowest, round(layer * num_layers / reference)) for layer in self.layers)
         if any(b <= a for a, b in itertools.pairwise(scaled)) or scaled[-1] >= num_layers:
             stages, room = len(scaled), num_layers - lowest
