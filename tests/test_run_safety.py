@@ -158,6 +158,8 @@ def test_pyramiddrop_presets_scale_their_stages_to_the_model_depth() -> None:
     assert pdrop.validate(num_layers=28).layers == (7, 14, 21)
     assert build_strategy("pore_pdrop_linear").validate(num_layers=4).layers == (1, 2, 3)
     assert pdrop.replace(reference_depth=None).validate(num_layers=40).layers == (8, 16, 24)
+    # Layers given for a model (Python, or strategy.layer on the command line) are that model's own.
+    assert build_strategy("pdrop", layer=[1, 2, 3]).validate(num_layers=4).layers == (1, 2, 3)
     with pytest.raises(ValueError) as caught:
         pdrop.validate(num_layers=3)
     assert str(caught.value) == (

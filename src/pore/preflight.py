@@ -131,6 +131,8 @@ def preflight(cfg: DictConfig) -> RunPlan:
     try:
         check_settings(cfg)
         strategy = build.build_strategy(cfg)
+        if _overridden("strategy.layer") and not _overridden("strategy.reference_depth"):
+            strategy = strategy.replace(layer=strategy.layer)  # layers typed for this model: not scaled
         strategy.validate()
         benchmark, source = build.build_benchmark(cfg)
         facts = read_model_facts(str(cfg.model.path))
@@ -161,6 +163,16 @@ def count_questions(benchmark: Benchmark, source: StreamSource) -> int | None:
     if source.limit is None:
         return rows
     return source.limit if rows is None else min(rows, source.limit)
+
+
+def _overridden(key: str) -> bool:
+    """Whether `key` was set on the command line (Hydra's task overrides) of this run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    keys = {str(token).split("=", 1)[0].lstrip("+~") for token in HydraConfig.get().overrides.task}
+    return key in keys
 
 
 def _one_line(error: BaseException) -> str:

@@ -92,13 +92,16 @@ class Strategy:
         return cls(**settings, prior=prior_config)
 
     def replace(self, **changes: Any) -> Strategy:
-        """A copy with some settings changed; `prior` may be a mapping of prior settings to update."""
+        """A copy with some settings changed; `prior` may be a mapping of prior settings to update. New
+        `layer`s are the model's own (`reference_depth` is cleared unless it is given too)."""
         prior = changes.pop("prior", None)
         if isinstance(prior, Mapping):
             current = {k: v for k, v in dataclasses.asdict(self.prior).items() if k != "params"}
             prior = PriorConfig.from_mapping({**current, **self.prior.params, **prior})
         if prior is not None:
             changes["prior"] = prior
+        if "layer" in changes:  # layers given for a model are that model's layers: no preset scaling
+            changes.setdefault("reference_depth", None)
         return dataclasses.replace(self, **changes)
 
     @property
