@@ -4,6 +4,10 @@ python src/bench.py                                   # LLaVA-1.5-7B shapes, ran
 python src/bench.py bench.architecture=llava15_small bench.batch_sizes=[1,4] bench.budgets=[576,192,64]
 python src/bench.py model=tiny_llava bench.budgets=[64,16]    # the shipped checkpoint, its own weights
 python src/bench.py --help                            # every setting (conf/bench.yaml)
+
+Exit status: 0 when every setting was measured (out of memory counts as a measurement: the row says oom),
+1 when a setting failed with an error (listed at the end; the report is still written), 2 for a mistake in
+the settings (one line, before the model is built).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pore.bench.main import register_resolvers, run_from_config
+from pore.bench.main import CellsFailed, register_resolvers, run_from_config
+from pore.errors import user_errors
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_resolvers()
@@ -22,8 +27,13 @@ register_resolvers()
 
 @hydra.main(config_path=CONFIG_DIR, config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_from_config(cfg)
+    try:
+        with user_errors():
+            run_from_config(cfg)
+    except CellsFailed as failure:
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -24,9 +24,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import pore
-from pore.config import build_benchmark, build_strategy, model_dtype, register_resolvers
+from pore.config import build_benchmark, build_strategy, model_dtype, portable, register_resolvers, run_digest
 from pore.data import BENCHMARKS, StreamSource
-from pore.evaluate import SettingsMismatchError, check_resumable
+from pore.evaluate import SettingsMismatchError, check_resumable, write_run_config
 from pore.methods import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,22 +215,48 @@ def test_model_dtype(compose: Compose) -> None:
 
 
 def test_check_resumable(compose: Compose, tmp_path: Path) -> None:
-    """A folder is resumed only with the same answer-changing settings; loader logistics may differ."""
+    """A folder with answers is resumed only with the same answer-changing settings; loader logistics may
+    differ; the refusal names the keys that differ. A folder without answers is free."""
     overrides = ("data=vqav2", "strategy=pore_linear", "strategy.keep=64")
     check_resumable(compose(*overrides), tmp_path)  # no config.yaml yet: nothing to compare
     OmegaConf.save(compose(*overrides), tmp_path / "config.yaml", resolve=True)
+    check_resumable(compose("data=vqav2", "strategy.keep=32"), tmp_path)  # no answers yet: free
+    (tmp_path / "predictions.jsonl").write_text('{"question_id": "1"}\n')
 
     check_resumable(compose(*overrides), tmp_path)
     check_resumable(compose(*overrides, "data.batch_size=2", "data.num_workers=0"), tmp_path)
 
     with pytest.raises(SettingsMismatchError) as caught:
         check_resumable(compose("data=vqav2", "strategy=pore_linear", "strategy.keep=32"), tmp_path)
-    message = str(caught.value)
-    assert message.startswith(f"{tmp_path} holds a run with other `strategy` settings (")
-    assert "'keep': 64" in message and "'keep': 32" in message
-    assert message.endswith("choose another output_dir, or delete that folder to start over")
-
-    with pytest.raises(SettingsMismatchError, match="other `max_new_tokens` settings"):
+    assert str(caught.value) == (
+        f"{tmp_path} holds a run with other settings (strategy.keep: 64 -> 32); "
+        "choose another output_dir, or delete that folder to start over"
+    )
+    with pytest.raises(SettingsMismatchError, match=r"\(max_new_tokens: 16 -> 8\)"):
         check_resumable(compose(*overrides, "max_new_tokens=8"), tmp_path)
-    with pytest.raises(SettingsMismatchError, match="other `data` settings"):
+    with pytest.raises(SettingsMismatchError, match=r"\(data.limit: None -> 3\)"):
         check_resumable(compose(*overrides, "data.limit=3"), tmp_path)
+
+
+def test_a_moved_checkout_keeps_its_folder_digests(
+    compose: Compose, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shipped assets enter the digest and the resume check by their place in the assets folder."""
+    here = OmegaConf.to_container(compose("strategy=pore_calibrated"), resolve=True)
+    assert here["model"]["path"].startswith(str(REPO))
+    digest = run_digest(here["model"], here["data"], here["strategy"], here["max_new_tokens"])
+    write_run_config(compose("strategy=pore_calibrated"), tmp_path)
+    monkeypatch.setenv("PORE_ASSETS", str(tmp_path / "elsewhere" / "assets"))
+    moved = hydra.compose("config", overrides=["strategy=pore_calibrated"])
+    moved_plain = OmegaConf.to_container(moved, resolve=True)
+    assert moved_plain["model"]["path"] == str(tmp_path / "elsewhere" / "assets" / "tiny-llava")
+    assert moved_plain["output_dir"] == here["output_dir"] and here["output_dir"].endswith(digest)
+    # A folder written by the old checkout is resumed by the moved one, and still refuses other settings.
+    (tmp_path / "predictions.jsonl").write_text('{"question_id": "1"}\n')
+    check_resumable(moved, tmp_path)
+    with pytest.raises(SettingsMismatchError, match=r"\(strategy.keep: None -> 8\)"):
+        check_resumable(
+            hydra.compose("config", overrides=["strategy=pore_calibrated", "strategy.keep=8"]), tmp_path
+        )
+    assert portable(str(tmp_path / "elsewhere" / "assets" / "tiny-llava")) == "asset:tiny-llava"
+    assert portable("/data/gqa") == "/data/gqa"

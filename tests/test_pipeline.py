@@ -154,8 +154,8 @@ def test_rerun_with_other_settings_in_the_same_folder_is_refused(
     out = tmp_path / "clash"
     assert run_cli(*common(checkpoint, benchmark, out), "data.limit=2", "logger=none").returncode == 0
     result = run_cli(*common(checkpoint, benchmark, out), "data.limit=2", "logger=none", "strategy.keep=8")
-    assert result.returncode != 0
-    assert "holds a run with other `strategy` settings" in result.stderr
+    assert result.returncode == 2
+    assert "holds a run with other settings (strategy.keep: 16 -> 8)" in result.stderr
 
 
 def test_wandb_offline_run_keeps_the_final_metrics(checkpoint: Path, benchmark: Path, tmp_path: Path) -> None:

@@ -545,8 +545,8 @@ def test_a_failed_run_is_recorded_with_why_and_the_sweep_goes_on(tmp_path: Path,
     folder = tmp_path / "state"
     status, stdout = sweep_main(str(path), "--dir", str(folder))
     assert status == 1, stdout
-    assert "FAILED, exit 1" in stdout and "alpha" in stdout  # the log's tail says why
-    assert f"failed: trial 0: exit 1, see {folder / 'logs' / 'trial-0.log'}" in stdout
+    assert "FAILED, exit 2" in stdout and "alpha" in stdout  # a user error (exit 2); the log says why
+    assert f"failed: trial 0: exit 2, see {folder / 'logs' / 'trial-0.log'}" in stdout
     assert [t.state for t in SweepDir(folder).load().get_trials()] == [TrialState.FAIL]  # counted: done
 
 

@@ -27,9 +27,29 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def assets_root() -> Path:
+    """The folder of the shipped files: $PORE_ASSETS when set, else the repository's `assets/`."""
+    return Path(os.environ.get("PORE_ASSETS") or Path(__file__).resolve().parents[2] / "assets")
+
+
+def portable(value: Any) -> Any:
+    """`value` with paths inside the assets folder written as `asset:<relative path>`, so that digests and
+    stored configs do not change when the checkout moves (nested dicts and lists are rewritten too)."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(item) for item in value]
+    if isinstance(value, str) and value:
+        root = str(assets_root())
+        if value == root or value.startswith(root + os.sep):
+            return "asset:" + Path(os.path.relpath(value, root)).as_posix()
+    return value
+
+
 def run_digest(*nodes: Any) -> str:
-    """A 6-character digest of config nodes (ignoring data loader logistics), for default run folders."""
-    plain = [_plain(node) for node in nodes]
+    """A 6-character digest of config nodes (ignoring data loader logistics), for default run folders.
+    Paths of shipped assets count by their place in the assets folder, not where the checkout is."""
+    plain = [portable(_plain(node)) for node in nodes]
     for node in plain:
         if isinstance(node, dict) and "benchmark" in node:
             for key in DATA_LOGISTICS:
@@ -39,8 +59,7 @@ def run_digest(*nodes: Any) -> str:
 
 def asset_path(name: str) -> str:
     """A file shipped in the repository's `assets/` folder (or under $PORE_ASSETS when that is set)."""
-    root = os.environ.get("PORE_ASSETS") or str(Path(__file__).resolve().parents[2] / "assets")
-    return str(Path(root) / name)
+    return str(assets_root() / name)
 
 
 def register_resolvers() -> None:
@@ -94,16 +113,21 @@ def model_dtype(cfg: DictConfig) -> torch.dtype:
     return dtype
 
 
-def load_model_and_processor(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = str(cfg.model.path)
+def check_model_path(path: str) -> None:
+    """A local folder that exists, or something shaped like a hub id (owner/name)."""
     local = Path(path).expanduser()
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise FileNotFoundError(
             f"model.path {path!r} is not a local checkpoint folder nor a hub id (owner/name); "
             "the embedded model lives in the repository's assets/ folder (or set PORE_ASSETS)"
         )
+
+
+def load_model_and_processor(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = str(cfg.model.path)
+    check_model_path(path)
     # Processor settings of the model config (e.g. Qwen's min_pixels / max_pixels); null = the protocol's
     # for this checkpoint type (lmms-eval's Qwen pixel limits), else the checkpoint's own.
     processor_options = {

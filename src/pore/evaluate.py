@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,55 +15,93 @@ from pore import config as build
 from pore.adapters import adapter_for
 from pore.data import BenchmarkDataModule
 from pore.data.protocol import processor_pads
+from pore.errors import UserError
 from pore.evaluation import LiveMetricProgressBar, PredictionWriter, VLMEvaluator
 from pore.evaluation import predictions as prediction_files
+from pore.evaluation.lock import RunLock
 from pore.evaluation.report import FinalMetrics, summary_table
+from pore.preflight import RunPlan, preflight
 
 log = logging.getLogger("pore")
+IDENTITY = "identity.json"
 
 
-class SettingsMismatchError(RuntimeError):
+class SettingsMismatchError(UserError):
     """The output folder holds a run with other settings: resuming into it would mix two experiments."""
 
 
+def _identity(node: Any, key: str) -> Any:
+    """The answer-changing settings under `key`, comparable across checkouts (asset paths relative)."""
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if isinstance(plain, dict) and key == "data":
+        plain = {name: value for name, value in plain.items() if name not in build.DATA_LOGISTICS}
+    return build.portable(plain)
+
+
+def differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """`dotted.key: old -> new` for every leaf that differs (a key missing on one side shows as <unset>)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in sorted(set(old) | set(new), key=str):
+            missing = "<unset>"
+            lines += differences(old.get(key, missing), new.get(key, missing), f"{prefix}.{key}")
+        return lines
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that change the answers, portable (asset paths relative) and as JSON reads them."""
+    return json.loads(json.dumps({key: _identity(cfg.get(key), key) for key in build.RUN_IDENTITY}))
+
+
+def write_run_config(cfg: DictConfig, output_dir: Path) -> None:
+    """config.yaml (the resolved config, for people) and identity.json (what a resume is checked against:
+    the same in a moved checkout)."""
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (output_dir / IDENTITY).write_text(json.dumps(run_identity(cfg), indent=1, sort_keys=True) + "\n")
+
+
 def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
-    saved_path = output_dir / "config.yaml"
-    if not saved_path.exists():
+    """Refuse to resume a folder whose answered questions came from other settings.
+
+    A folder without any answered question is free: its stored config (e.g. of a run that failed on a bad
+    setting) is simply replaced."""
+    identity_path, saved_path = output_dir / IDENTITY, output_dir / "config.yaml"
+    if not (identity_path.exists() or saved_path.exists()) or not prediction_files.done_ids(output_dir):
         return
-    saved = OmegaConf.load(saved_path)
+    if identity_path.exists():
+        saved = json.loads(identity_path.read_text())
+    else:  # a folder written before identity.json existed
+        saved = run_identity(OmegaConf.load(saved_path))
+    ours = run_identity(cfg)
+    changed = []
     for key in build.RUN_IDENTITY:
-        # .get: folders written before a setting existed (e.g. `protocol`) have no value for it.
-        ours = (
-            OmegaConf.to_container(cfg[key], resolve=True)
-            if isinstance(cfg.get(key), DictConfig)
-            else cfg.get(key)
+        changed += differences(saved.get(key), ours.get(key), key)
+    if changed:
+        raise SettingsMismatchError(
+            f"{output_dir} holds a run with other settings ({'; '.join(changed)}); "
+            "choose another output_dir, or delete that folder to start over"
         )
-        theirs = (
-            OmegaConf.to_container(saved[key], resolve=True)
-            if isinstance(saved.get(key), DictConfig)
-            else saved.get(key)
-        )
-        if isinstance(ours, dict):
-            for logistics in build.DATA_LOGISTICS if key == "data" else ():
-                ours.pop(logistics, None)
-                theirs.pop(logistics, None)
-        if ours != theirs:
-            raise SettingsMismatchError(
-                f"{output_dir} holds a run with other `{key}` settings ({theirs} there, {ours} now); "
-                "choose another output_dir, or delete that folder to start over"
-            )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
-    """Run the evaluation; returns the final metrics on global rank 0 (None on other ranks)."""
-    strategy = build.build_strategy(cfg)
-    strategy.validate()
-    benchmark, source = build.build_benchmark(cfg)
+    """Run the evaluation; returns the final metrics on global rank 0 (None on other ranks).
+
+    Everything checkable without the weights is checked first (`pore.preflight`); then global rank 0 takes
+    the folder's lock (one writer per folder) for the whole run."""
+    plan = preflight(cfg)
     output_dir = Path(str(cfg.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(output_dir) if build.is_first_process() else contextlib.nullcontext()
+    with lock:
+        return _evaluate(cfg, plan, output_dir)
+
+
+def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> dict[str, Any] | None:
+    strategy, benchmark, source = plan.strategy, plan.benchmark, plan.source
     check_resumable(cfg, output_dir)
     if build.is_first_process():
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_run_config(cfg, output_dir)
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model, processor = build.load_model_and_processor(cfg)
@@ -93,7 +133,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
         conversation=protocol.conversation_for(family),
         pad_to_square=pad_to_square,
     )
-    datamodule.check()
     if skip:
         log.info("resuming in %s: %d questions already answered are skipped", output_dir, len(skip))
 
@@ -106,8 +145,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
 
             return run_figures(cfg, output_dir, rows, processor)
 
+    progress = LiveMetricProgressBar(plan.questions, len(skip), int(cfg.data.batch_size))
     final = FinalMetrics(benchmark, str(cfg.data.name), output_dir, figures)
-    trainer = build.build_trainer(cfg, logger, [PredictionWriter(output_dir), final, LiveMetricProgressBar()])
+    trainer = build.build_trainer(cfg, logger, [PredictionWriter(output_dir), final, progress])
     build.share_cpu_threads(trainer)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

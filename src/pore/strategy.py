@@ -10,6 +10,11 @@ prunes before layers 8, 16 and 24, keeping 50 / 25 / 12.5 % of each image's toke
 prompt, FastV's mask-based pruning), `compact` (0..L'-1 over the kept sequence, and decoding continues from
 the compacted length: what PyramidDrop, SparseVLM and FasterVLM do by removing the tokens), or `official`
 (default): the method's own choice (`PruningMethod.official_positions`; docs/methods.md).
+
+`strategy.reference_depth` says that `layer` is written for a language model of that many layers: on a model
+of another depth the layers are scaled proportionally (`validate(num_layers)` returns the scaled strategy).
+The PyramidDrop presets split a 32-layer LLM into four equal stages (8/16/24), so they set 32: a 40-layer
+LLM prunes before 10/20/30, the 4-layer embedded model before 1/2/3. null = the layers as written.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pore.calibration.priorfile import embedded_prior_path
+from pore.errors import did_you_mean
 from pore.methods import METHODS
 from pore.priors import PriorConfig
 from pore.registry import Registry
@@ -68,6 +74,9 @@ class Strategy:
     options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     positions: Literal["official", "original", "compact"] = "official"
+    reference_depth: int | None = (
+        None  # `layer` is written for an LLM this deep (scaled to others); None: as is
+    )
 
     def __post_init__(self) -> None:
         for key in ("layer", "keep", "ratio"):
@@ -85,18 +94,22 @@ class Strategy:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(settings) - names)
         if unknown:
-            raise ValueError(f"unknown strategy settings {unknown}; valid settings: {sorted(names)}")
+            hint = "".join(did_you_mean(name, names) for name in unknown)
+            raise ValueError(f"unknown strategy settings {unknown}{hint}; valid settings: {sorted(names)}")
         prior_config = prior if isinstance(prior, PriorConfig) else PriorConfig.from_mapping(prior)
         return cls(**settings, prior=prior_config)
 
     def replace(self, **changes: Any) -> Strategy:
-        """A copy with some settings changed; `prior` may be a mapping of prior settings to update."""
+        """A copy with some settings changed; `prior` may be a mapping of prior settings to update. New
+        `layer`s are the model's own (`reference_depth` is cleared unless it is given too)."""
         prior = changes.pop("prior", None)
         if isinstance(prior, Mapping):
             current = {k: v for k, v in dataclasses.asdict(self.prior).items() if k != "params"}
             prior = PriorConfig.from_mapping({**current, **self.prior.params, **prior})
         if prior is not None:
             changes["prior"] = prior
+        if "layer" in changes:  # layers given for a model are that model's layers: no preset scaling
+            changes.setdefault("reference_depth", None)
         return dataclasses.replace(self, **changes)
 
     @property
@@ -121,8 +134,59 @@ class Strategy:
             for index, (layer, keep, ratio) in enumerate(zip(self.layers, keeps, ratios, strict=True))
         ]
 
+    def for_depth(self, num_layers: int) -> Strategy:
+        """This strategy on a `num_layers`-layer language model: layers written for `reference_depth`
+        layers scaled proportionally (round(K * num_layers / reference_depth)); as is without one."""
+        if self.reference_depth is None:
+            return self
+        reference = self.reference_depth
+        if isinstance(reference, bool) or not isinstance(reference, int) or reference < 1:
+            raise ValueError(
+                f"strategy.reference_depth must be a positive integer or null, got {reference!r}"
+            )
+        self._check_types()
+        lowest = 1 if METHODS.get(self.method).attention_queries is not None else 0
+        written = self.layers
+        fits_reference = all(lowest <= k < reference for k in written) and all(
+            b > a for a, b in itertools.pairwise(written)
+        )
+        if (
+            num_layers == reference or not fits_reference
+        ):  # nothing to scale, or validate() says what is wrong
+            return dataclasses.replace(self, reference_depth=None)
+        scaled = tuple(max(lowest, round(layer * num_layers / reference)) for layer in self.layers)
+        if any(b <= a for a, b in itertools.pairwise(scaled)) or scaled[-1] >= num_layers:
+            stages, room = len(scaled), num_layers - lowest
+            fix = (
+                f"e.g. strategy.layer={list(range(lowest, lowest + stages))} strategy.reference_depth=null"
+                if stages <= room
+                else f"this model has room for at most {room} stages: give fewer layers, keeps and ratios"
+            )
+            raise ValueError(
+                f"strategy.layer={list(self.layers)} (written for a {reference}-layer language model) does "
+                f"not scale to this {num_layers}-layer model (it gives {list(scaled)}); set increasing "
+                f"layers in [{lowest}, {num_layers - 1}], {fix}"
+            )
+        layer = scaled if isinstance(self.layer, tuple) else scaled[0]
+        return dataclasses.replace(self, layer=layer, reference_depth=None)
+
+    def _check_types(self) -> None:
+        """Numbers where numbers belong (the command line turns `strategy.keep=abc` into a string)."""
+        kinds = {"layer": (int, "an integer layer index"), "keep": (int, "a positive integer")}
+        kinds["ratio"] = ((int, float), "a number in (0, 1]")
+        for key, (kind, wanted) in kinds.items():
+            value = getattr(self, key)
+            for item in value if isinstance(value, tuple) else (value,):
+                if item is None and key != "layer":
+                    continue
+                if isinstance(item, bool) or not isinstance(item, kind):
+                    raise ValueError(
+                        f"strategy.{key} must be {wanted} (or a list of them, one per stage), got {item!r}"
+                    )
+
     def validate(self, num_layers: int | None = None) -> Strategy:
-        """Check every setting; returns self so it chains. Errors name the valid range."""
+        """Check every setting; returns the strategy to use (self, or its layers scaled to `num_layers`
+        when `reference_depth` is set), so it chains. Errors name the valid range."""
         method = METHODS.get(self.method)
         self.prior.validate()
         method.check_options(self.options)
@@ -134,9 +198,12 @@ class Strategy:
             )
         if self.reweight not in ("all", "first"):
             raise ValueError(f"strategy.reweight must be 'all' or 'first', got {self.reweight!r}")
-        layers = self.layers
-        if not layers:
+        if not self.layers:
             raise ValueError("strategy.layer must name at least one layer")
+        self._check_types()
+        if num_layers is not None and self.reference_depth is not None:
+            return self.for_depth(num_layers).validate(num_layers)
+        layers = self.layers
         for key in ("keep", "ratio"):
             value = getattr(self, key)
             if isinstance(value, tuple) and len(value) != len(layers):
@@ -212,8 +279,14 @@ STRATEGIES.add(
 LINEAR = PriorConfig("linear", params={"alpha": 0.6})
 EXPONENTIAL = PriorConfig("exponential", params={"sigma": 0.95})
 # PyramidDrop's published schedule for 32-layer LLMs: before layers 8 / 16 / 24, keep 50 / 25 / 12.5 %.
-# Scored, as the official code, with layer K's own norm + q / k projections on layer K's input.
-PDROP = {"layer": (8, 16, 24), "ratio": (0.5, 0.25, 0.125), "options": {"score_from": "own_layer"}}
+# Scored, as the official code, with layer K's own norm + q / k projections on layer K's input. The stages
+# split the LLM into four equal parts, so other depths get the same split (reference_depth).
+PDROP = {
+    "layer": (8, 16, 24),
+    "ratio": (0.5, 0.25, 0.125),
+    "options": {"score_from": "own_layer"},
+    "reference_depth": 32,
+}
 STRATEGIES.add("pdrop", Strategy(name="pdrop", method="pdrop", **PDROP))
 # SparseVLM's official v1 schedule for LLaVA-1.5 (32 layers): scored in layers 2 / 6 / 15 and pruned right
 # after them (K = 3 / 7 / 16), keeping its budget table for 192 / 128 / 96 / 64 tokens on average

@@ -113,7 +113,7 @@ def implementation_problem(name: str, device: torch.device, dtype: torch.dtype) 
     if dtype not in (torch.float16, torch.bfloat16):
         return f"flash_attention_2 needs float16 or bfloat16 weights, not {dtype}"
     if importlib.util.find_spec("flash_attn") is None:
-        return "the flash_attn package is not installed (see the README on carrying its wheel)"
+        return "the flash_attn package is not installed (see docs/benchmarking.md)"
     from transformers.utils import is_flash_attn_2_available
 
     if not is_flash_attn_2_available():

@@ -116,7 +116,7 @@ def resolve_prior_path(path: str | os.PathLike, layer: int | None = None) -> Pat
         return candidate
     if not resolved.exists():
         raise FileNotFoundError(
-            f"prior file {str(path)!r} not found; write one with python src/calibrate.py (see README)"
+            f"prior file {str(path)!r} not found; write one with python src/calibrate.py (see the docs)"
         )
     return resolved
 
@@ -166,8 +166,19 @@ def load_prior_file(path: str | os.PathLike, layer: int | None = None) -> PriorF
     stat = resolved.stat()
     key = (str(resolved), stat.st_mtime_ns, stat.st_size)
     if key not in _FILES:
-        with resolved.open(encoding="utf-8") as handle:
-            _FILES[key] = parse_prior(json.load(handle), resolved)
+        try:
+            with resolved.open(encoding="utf-8") as handle:
+                _FILES[key] = parse_prior(json.load(handle), resolved)
+        except json.JSONDecodeError as error:  # e.g. a file cut short while it was written
+            raise ValueError(
+                f"prior file {resolved} is not valid JSON ({error}); it may be truncated: measure it again "
+                "with python src/calibrate.py"
+            ) from None
+        except (KeyError, TypeError, AttributeError) as error:  # a field missing or of the wrong kind
+            raise ValueError(
+                f"prior file {resolved} is incomplete (missing or malformed {error}); measure it again "
+                "with python src/calibrate.py"
+            ) from None
     return _FILES[key]
 
 

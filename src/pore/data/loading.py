@@ -61,3 +61,22 @@ def column_names(stream: datasets.IterableDataset) -> list[str]:
         return list(stream.features)
     first = next(iter(stream), None)
     return list(first) if first is not None else []
+
+
+def count_rows(path: str, config: str | None, split: str) -> int | None:
+    """Rows of `split` in a local folder of parquet files, from their metadata (no row is read); None for a
+    hub id or other file types (their length is not known before streaming)."""
+    import pyarrow.parquet as pq
+
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        return None
+    try:
+        data_files = {split: f"{config}/{split}-*"} if config else None
+        builder = datasets.load_dataset_builder(str(local), data_files=data_files)
+        files = builder.config.data_files[split]
+    except Exception:  # an unusual layout: the stream still opens it, only its length stays unknown
+        return None
+    if not files or not all(str(file).endswith(".parquet") for file in files):
+        return None
+    return sum(pq.ParquetFile(file).metadata.num_rows for file in files)

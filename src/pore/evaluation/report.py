@@ -65,6 +65,24 @@ def efficiency_metrics(rows: list[dict[str, Any]], rank_stats: list[dict[str, An
     return results
 
 
+# Measured by the process that answered the questions; a rerun that answers none cannot measure them.
+RUN_MEASUREMENTS = ("eff/samples_per_sec", "eff/peak_mem_gb")
+
+
+def with_earlier_throughput(metrics: dict[str, float], earlier_path: Path) -> dict[str, float]:
+    """`metrics`, plus the throughput and peak memory of the earlier run in `earlier_path` when this run
+    measured none (a rerun of a finished run answers no question). A resumed run that answered some reports
+    its own numbers over the questions it answered."""
+    if "eff/samples_per_sec" in metrics or not earlier_path.exists():
+        return metrics
+    try:
+        earlier = json.loads(earlier_path.read_text())
+    except (OSError, ValueError):
+        return metrics
+    kept = {key: earlier[key] for key in RUN_MEASUREMENTS if key in earlier and key not in metrics}
+    return {**metrics, **kept}
+
+
 def summary_table(metrics: dict[str, float], title: str) -> str:
     """A two-column text table of the final metrics."""
     width = max([len(key) for key in metrics] + [len(title)])
@@ -96,7 +114,9 @@ class FinalMetrics(Callback):
         rows = predictions.read_rows(self.output_dir / predictions.MERGED)
         metrics = benchmark_metrics(self.benchmark, self.prefix, rows)
         metrics.update(efficiency_metrics(rows, read_rank_stats(self.output_dir)))
-        (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        path = self.output_dir / "metrics.json"
+        metrics = with_earlier_throughput(metrics, path)
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
         for logger in trainer.loggers:
             logger.log_metrics(metrics)
             logger.save()
