@@ -12,7 +12,7 @@ A strategy may name a calibrated prior's form after a slash (`pore_calibrated/pr
 layer after an at sign (`fastervlm@2`: FasterVLM pruning before layer 2, like FastV, instead of before the
 language model). Settings of one strategy go in brackets, separated by semicolons:
 `pdrop[strategy.options.score_from=previous_layer;strategy.positions=original]` runs PyramidDrop as this
-project did before it followed the official code, next to `pdrop`.
+project did before it followed the official code, next to `pdrop`; `{b}` in a setting stands for the budget.
 
 Multi-stage strategies (PyramidDrop's and SparseVLM's presets: their names contain `pdrop` or `sparsevlm`) get
 three stages before layers 1, 2 and 3 (the embedded model has 4) keeping 4b, 2b and b tokens (capped at the
@@ -97,7 +97,7 @@ def main() -> None:
                 layers = ",".join(map(str, args.stage_layers))
                 settings = [f"strategy={name}", f"strategy.layer=[{layers}]", "strategy.ratio=null"]
                 settings.append(f"strategy.keep=[{','.join(map(str, keeps))}]")
-            settings += extra_settings
+            settings += [setting.replace("{b}", str(budget)) for setting in extra_settings]
             slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in strategy.replace("@", "-K"))
             folder = f"{args.out}/{slug}-keep{budget}"
             cells[(strategy, str(budget))] = run([*base, *settings, f"output_dir={folder}"])

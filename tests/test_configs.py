@@ -232,7 +232,7 @@ def test_check_resumable(compose: Compose, tmp_path: Path) -> None:
         f"{tmp_path} holds a run with other settings (strategy.keep: 64 -> 32); "
         "choose another output_dir, or delete that folder to start over"
     )
-    with pytest.raises(SettingsMismatchError, match=r"\(max_new_tokens: 16 -> 8\)"):
+    with pytest.raises(SettingsMismatchError, match=r"\(max_new_tokens: None -> 8\)"):
         check_resumable(compose(*overrides, "max_new_tokens=8"), tmp_path)
     with pytest.raises(SettingsMismatchError, match=r"\(data.limit: None -> 3\)"):
         check_resumable(compose(*overrides, "data.limit=3"), tmp_path)
@@ -244,7 +244,9 @@ def test_a_moved_checkout_keeps_its_folder_digests(
     """Shipped assets enter the digest and the resume check by their place in the assets folder."""
     here = OmegaConf.to_container(compose("strategy=pore_calibrated"), resolve=True)
     assert here["model"]["path"].startswith(str(REPO))
-    digest = run_digest(here["model"], here["data"], here["strategy"], here["max_new_tokens"])
+    digest = run_digest(
+        here["model"], here["data"], here["strategy"], here["protocol"], here["max_new_tokens"]
+    )
     write_run_config(compose("strategy=pore_calibrated"), tmp_path)
     monkeypatch.setenv("PORE_ASSETS", str(tmp_path / "elsewhere" / "assets"))
     moved = hydra.compose("config", overrides=["strategy=pore_calibrated"])

@@ -126,7 +126,10 @@ def test_user_errors_are_one_line_before_the_weights_load(vqa: Path, tmp_path: P
             f"prior file {incomplete} is incomplete (missing or malformed 'profile2d'); measure it again",
         ),
         (spatial_args(out, "logger.kind=tensorboard"), "unknown logger.kind 'tensorboard'"),
-        (spatial_args(out, "max_new_tokens=abc"), "max_new_tokens must be an integer >= 1, got 'abc'"),
+        (
+            spatial_args(out, "max_new_tokens=abc"),
+            "max_new_tokens must be an integer >= 1 (or null: the protocol's), got 'abc'",
+        ),
         (
             spatial_args(out, "model.path=/nowhere/model"),
             "model.path '/nowhere/model' is not a local checkpoint folder nor a hub id (owner/name)",

@@ -115,9 +115,9 @@ def check_settings(cfg: DictConfig) -> None:
     kind = str(cfg.logger.kind)
     if kind not in LOGGER_KINDS:
         raise UserError(f"unknown logger.kind {kind!r}; choose one of: {', '.join(LOGGER_KINDS)}")
-    tokens = cfg.max_new_tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise UserError(f"max_new_tokens must be an integer >= 1, got {tokens!r}")
+    tokens = cfg.max_new_tokens  # null: the protocol's limit for the benchmark
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise UserError(f"max_new_tokens must be an integer >= 1 (or null: the protocol's), got {tokens!r}")
     for key in ("batch_size", "num_workers"):
         value = cfg.data[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "batch_size" else 0):
