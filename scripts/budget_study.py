@@ -96,6 +96,7 @@ def main() -> None:
                 keeps = [min(before, budget * 2 ** (stages - 1 - i)) for i in range(stages)]
                 layers = ",".join(map(str, args.stage_layers))
                 settings = [f"strategy={name}", f"strategy.layer=[{layers}]", "strategy.ratio=null"]
+                settings.append("++strategy.reference_depth=null")  # this model's layers: not to be scaled
                 settings.append(f"strategy.keep=[{','.join(map(str, keeps))}]")
             settings += [setting.replace("{b}", str(budget)) for setting in extra_settings]
             slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in strategy.replace("@", "-K"))
