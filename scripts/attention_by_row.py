@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pore import Pruner, build_strategy
-from pore.config import asset_path
+from pore.app.config import asset_path
 from pore.data import BENCHMARKS, BenchmarkStream, PromptCollator, StreamSource
-from pore.spatial import BACKGROUND
+from pore.testing.spatial import BACKGROUND
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
 

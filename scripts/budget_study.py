@@ -3,7 +3,7 @@
     python scripts/budget_study.py                       # embedded model, spatial benchmark, CPU
     python scripts/budget_study.py model=llava15_7b data=gqa data.limit=1000 --budgets 576 192 128 64
 
-Each cell is one `pore.evaluate` run (the code path of `python src/run.py`) with `logger=none` in its own
+Each cell is one `pore.app.evaluate` run (the code path of `python src/run.py`) with `logger=none` in its own
 output folder under `outputs/budget_study/`, so reruns resume and finished cells cost nothing. Extra
 arguments are Hydra overrides applied to every run. Budgets are image tokens kept per image; "all" means
 every token (the unpruned model is run once, with strategy=none).
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from pore.config import register_resolvers
-from pore.evaluate import evaluate
+from pore.app.config import register_resolvers
+from pore.app.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = (

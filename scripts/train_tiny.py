@@ -2,8 +2,8 @@
 
     python scripts/train_tiny.py assets/tiny-llava --steps 3000 --seed 0
 
-Everything is built here: the word-level tokenizer and processor (pore.tiny), the CLIP + Llama config, the
-synthetic train split (pore.spatial, seed of the "train" split). The loss is on the answer tokens only, with
+Everything is built here: the word-level tokenizer and processor (pore.testing.tiny_llava), the CLIP + Llama config, the
+synthetic train split (pore.testing.spatial, seed of the "train" split). The loss is on the answer tokens only, with
 the prompt in the model's own chat template, exactly as the evaluation will prompt it. Runs on a GPU when
 one is there, else on the CPU; prints the command, the seed and the training time, and writes them to
 `training.json` beside the checkpoint.
@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from pore.spatial import generate
-from pore.tiny import DEFAULT_WORDS, IMAGE_TOKEN, build_processor, tiny_llava_config
+from pore.testing.spatial import generate
+from pore.testing.tiny_llava import DEFAULT_WORDS, IMAGE_TOKEN, build_processor, tiny_llava_config
 
 GRID, PATCH = 8, 8
 SUFFIX = "Answer the question using a single word or phrase."

@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pore.bench.main import CellsFailed, register_resolvers, run_from_config
+from pore.app.bench.main import CellsFailed, register_resolvers, run_from_config
 from pore.errors import user_errors
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")

@@ -14,8 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pore.calibration.runner import calibrate
-from pore.config import register_resolvers
+from pore.app.calibrate import calibrate
+from pore.app.config import register_resolvers
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_resolvers()

@@ -15,9 +15,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pore.cli import check_override_keys, run_task
-from pore.config import register_resolvers
-from pore.evaluate import evaluate
+from pore.app.cli import check_override_keys, run_task
+from pore.app.config import register_resolvers
+from pore.app.evaluate import evaluate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 register_resolvers()

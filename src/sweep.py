@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from pore.sweeps.cli import main
+from pore.app.sweeps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

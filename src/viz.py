@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pore.viz import draw_runs
-from pore.viz.runs import load_run
+from pore.app.viz import draw_runs
+from pore.app.viz.runs import load_run
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

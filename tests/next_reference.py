@@ -18,8 +18,8 @@ from PIL import Image
 from transformers import GenerationConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.masking_utils import create_causal_mask
 
-from pore.tiny import IMAGE_TOKEN
-from pore.tiny_next import build_next_processor, tiny_llava_next_config
+from pore.testing.tiny_llava import IMAGE_TOKEN
+from pore.testing.tiny_next import build_next_processor, tiny_llava_next_config
 
 SIDE = 4  # 32 px encoder input, 8 px patches: a 4 x 4 grid per view
 BASE_TOKENS = SIDE * SIDE

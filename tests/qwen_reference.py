@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from transformers.masking_utils import create_causal_mask
 
-from pore.tiny_qwen import build_qwen_processor, build_tiny_qwen
+from pore.testing.tiny_qwen import build_qwen_processor, build_tiny_qwen
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 MERGE = 2  # spatial_merge_size of the tiny models

@@ -32,7 +32,7 @@ from pipeline_fixtures import run_cli, write_vqa_parquet
 from pore import Pruner, build_strategy
 from pore.adapters import adapter_for
 from pore.adapters.llava_next import BASE, HIGH_RES, NEWLINE, LlavaNextAdapter
-from pore.tiny_next import build_tiny_next_checkpoint
+from pore.testing.tiny_next import build_tiny_next_checkpoint
 
 PARTS = {"base": BASE, "high": HIGH_RES, "newline": NEWLINE}
 # Three samples of different image sizes (and prompt lengths): 52, 46 and 88 visual tokens.

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pore import Pruner, build_strategy
-from pore.bench import (
+from pore.app.bench import (
     Architecture,
     BenchSettings,
     EagerFastV,
@@ -25,11 +25,11 @@ from pore.bench import (
     make_workload,
     resolve_architecture,
 )
-from pore.bench.probes import added_hooks, hook_table
-from pore.bench.report import check_targets, comparisons
-from pore.bench.timing import Summary
-from pore.bench.workload import Workload
-from pore.tiny import tiny_llava_config
+from pore.app.bench.probes import added_hooks, hook_table
+from pore.app.bench.report import check_targets, comparisons
+from pore.app.bench.timing import Summary
+from pore.app.bench.workload import Workload
+from pore.testing.tiny_llava import tiny_llava_config
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_TOKEN = 100
@@ -246,12 +246,12 @@ def test_profile_writes_traces_with_the_hooks_named(tmp_path) -> None:
         assert (
             Path(profile["trace"]).is_file() and Path(profile["trace"]).parent == tmp_path / "report-profiles"
         )
-        assert "pore.bench:model.language_model.layers.2:pre-hooks" in profile["table"]
+        assert "pore:model.language_model.layers.2:pre-hooks" in profile["table"]
     assert all("generate_ms" not in r and r["status"] == "ok" for r in summary["results"])
 
 
 def test_a_model_too_large_for_the_machine_is_refused_with_a_hint(monkeypatch) -> None:
-    import pore.bench.runner as runner
+    import pore.app.bench.runner as runner
 
     monkeypatch.setattr(runner, "count_parameters", lambda architecture: 10**13)
     with pytest.raises(RuntimeError, match=r"bench\.architecture=llava15_small"):
@@ -310,7 +310,7 @@ def test_bench_command_runs_end_to_end_and_writes_every_setting(tmp_path) -> Non
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(output.read_text())
-    assert report["schema"] == "pore.bench/1" and report["device"] == "cpu"
+    assert report["schema"] == "pore.app.bench/1" and report["device"] == "cpu"
     assert report["clock"] == "process"  # one torch thread: CPU time, immune to other jobs on the machine
     assert report["environment"]["torch"] == torch.__version__
     assert report["model"]["name"] == "tiny-llava" and report["model"]["parameters"] > 0

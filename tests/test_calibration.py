@@ -25,10 +25,12 @@ from torch import nn
 from conftest import GRID, build_tiny_llava, left_pad, make_prompt, pixels
 from pipeline_fixtures import OFFLINE_ENV, REPO, run_cli
 from pore import Pruner, build_strategy
+from pore.adapters import ModelFacts
+from pore.assets import asset_path
 from pore.calibration import fit_exponential, fit_forms, fit_linear, load_prior_file
 from pore.calibration.measure import Calibrator, RopeGravity
-from pore.calibration.priorfile import FORMAT, calibrated_weights, embedded_prior_path, save_prior_file
 from pore.priors import PriorConfig
+from pore.priors.calibrated import FORMAT, calibrated_weights, save_prior_file
 
 PLANTED_LAYER = 1  # decoder layer whose attention is planted: what strategy.layer = 2 scores
 PAIR = 3  # rotary pair of the planted direction: slow enough to be monotone over the image's distances
@@ -199,13 +201,13 @@ def test_layer_is_checked_and_picks_the_file_of_a_folder(tmp_path: Path) -> None
     )
     one_file = build_strategy("pore_calibrated", layer=3, prior={"path": str(tmp_path / "layer2.json")})
     with pytest.raises(ValueError, match=r"measured for strategy.layer=2 .* prunes before layer 3"):
-        one_file.validate()
+        one_file.resolve()
     build_strategy(
         "pore_calibrated", layer=3, prior={"path": str(tmp_path / "layer2.json"), "check_layer": False}
-    ).validate()
+    ).resolve()
     listed = r"no prior for strategy.layer=1 .*'layer2.json', 'layer3.json'"
     with pytest.raises(FileNotFoundError, match=listed):
-        build_strategy("pore_calibrated", layer=1, prior={"path": str(tmp_path)}).validate()
+        build_strategy("pore_calibrated", layer=1, prior={"path": str(tmp_path)}).resolve()
     with pytest.raises(ValueError, match="valid forms: profile, profile2d, linear, exponential, gravity"):
         weights_of(tmp_path / "layer2.json", "quadratic")
     with pytest.raises(ValueError, match=r"needs strategy\.prior\.path"):
@@ -214,12 +216,12 @@ def test_layer_is_checked_and_picks_the_file_of_a_folder(tmp_path: Path) -> None
 
 def test_the_shipped_calibration_is_the_registered_default() -> None:
     strategy = build_strategy("pore_calibrated")
-    assert strategy.prior.hyperparameters()["path"] == embedded_prior_path()
+    assert strategy.prior.hyperparameters()["path"] == asset_path("calibration/tiny_llava/spatial")
     for layer in (1, 2, 3):
-        prior = load_prior_file(embedded_prior_path(), layer)
+        prior = load_prior_file(asset_path("calibration/tiny_llava/spatial"), layer)
         assert prior.data["layer"] == layer and prior.data["count"] == 400
         assert set(prior.buckets) == {"8x8"}
-        strategy.replace(layer=layer).validate(num_layers=4)
+        strategy.replace(layer=layer).resolve(ModelFacts("llava", 4, pads_to_square=True))
 
 
 # ----------------------------------------------------------------------------- a planted position bias

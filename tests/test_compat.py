@@ -18,9 +18,9 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from conftest import TOKENS_PER_IMAGE, build_tiny_llava, make_prompt, pixels
 from pore import Pruner, build_strategy, compat
+from pore.app.evaluation.module import VLMEvaluator
 from pore.data import BENCHMARKS
-from pore.evaluation.module import VLMEvaluator
-from pore.pruning.record import PruningRecord
+from pore.engine.record import PruningRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = make_prompt([1, 5, 6], 1, [7, 8, 9])

@@ -7,6 +7,8 @@ the middle of a GPU run. No data and no model are read.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 # Nothing may be fetched from a hub: switched off before `datasets` is imported.
@@ -24,10 +26,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import pore
-from pore.config import build_benchmark, build_strategy, model_dtype, portable, register_resolvers, run_digest
+from pore.adapters import ModelFacts
+from pore.app.config import (
+    build_benchmark,
+    build_strategy,
+    model_dtype,
+    register_resolvers,
+    run_digest,
+)
+from pore.app.evaluate import SettingsMismatchError, check_resumable, write_run_config
+from pore.assets import portable
 from pore.data import BENCHMARKS, StreamSource
-from pore.evaluate import SettingsMismatchError, check_resumable, write_run_config
 from pore.methods import METHODS
+from pore.priors import PRIORS
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -61,6 +72,13 @@ def compose() -> Iterator[Compose]:
         yield functools.cache(lambda *overrides: hydra.compose("config", overrides=list(overrides)))
 
 
+def _holds(composed: object, own: object) -> bool:
+    """Whether `composed` has every setting of `own` at its value (mappings compared key by key)."""
+    if isinstance(own, dict):
+        return isinstance(composed, dict) and all(k in composed and _holds(composed[k], v) for k, v in own.items())
+    return composed == own
+
+
 def test_the_groups_have_options() -> None:
     """The glob below found the config files (an empty group would make the next test vacuous)."""
     found = {group for group, _ in OPTIONS}
@@ -72,10 +90,15 @@ def test_the_groups_have_options() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_of_every_group_composes(compose: Compose, group: str, option: str) -> None:
-    """`<group>=<option>` puts exactly that file under `<group>`, and every interpolation resolves."""
+    """`<group>=<option>` puts that file under `<group>` (a file with a `defaults:` list: its own settings on
+    top of what it inherits), and every interpolation resolves."""
     cfg = compose(f"{group}={option}")
     expected = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
-    assert OmegaConf.to_container(cfg[group], resolve=False) == expected
+    composed = OmegaConf.to_container(cfg[group], resolve=False)
+    if expected.pop("defaults", None) is None:
+        assert composed == expected
+    else:
+        assert _holds(composed, expected), f"{group}/{option}.yaml's own settings did not win"
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert set(resolved) >= {*GROUPS, "output_dir", "seed", "max_new_tokens"}
     assert re.fullmatch(r"outputs/[^/]+/[^/]+/[^/]+-[0-9a-f]{6}", resolved["output_dir"])
@@ -85,26 +108,39 @@ STRATEGY_NAMES = sorted(path.stem for path in (CONF / "strategy").glob("*.yaml")
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
-def test_strategy_configs_equal_the_python_registry(compose: Compose, name: str) -> None:
-    """Each strategy file builds the registry's strategy of that name: same method, budget, layer, prior."""
+def test_the_python_api_composes_each_preset_as_the_run_does(compose: Compose, name: str) -> None:
+    """`pore.build_strategy(name)` (the library's composition of conf/strategy/<name>.yaml alone) is the
+    strategy `python src/run.py strategy=<name>` runs (the whole run config composed): one source."""
     built = build_strategy(compose(f"strategy={name}"))
-    registered = pore.build_strategy(name)
-    assert built.name == registered.name == name
-    assert (built.method, built.layer, built.keep, built.ratio, built.seed, built.positions) == (
-        registered.method,
-        registered.layer,
-        registered.keep,
-        registered.ratio,
-        registered.seed,
-        registered.positions,
-    )
-    assert METHODS.get(built.method)(**built.options).__dict__ == (
-        METHODS.get(registered.method)(**registered.options).__dict__
-    ), "the file's options build another method than the registry's"
-    for key in ("name", "position", "suppress_padding", "pad_threshold"):
-        assert getattr(built.prior, key) == getattr(registered.prior, key), key
-    assert built.prior.hyperparameters() == registered.prior.hyperparameters()
-    built.validate(num_layers=32)
+    assert pore.build_strategy(name) == built
+    assert built.name == name
+    built.resolve(ModelFacts("llava", 32, pads_to_square=True))
+
+
+def test_the_base_preset_states_the_dataclass_defaults() -> None:
+    """conf/strategy/none.yaml (method/none + prior/none) and `Strategy()` agree on every default (the prior
+    file also carries the parametric priors' knobs, at the prior functions' defaults)."""
+    composed, default = pore.build_strategy("none"), pore.Strategy()
+    assert dataclasses.replace(composed, prior=default.prior) == default
+    assert dataclasses.replace(composed.prior, params={}) == default.prior
+    assert composed.prior.params == {"alpha": 0.6, "sigma": 0.95}
+
+
+def test_method_and_prior_files_state_the_code_defaults() -> None:
+    """Every conf/method/<name>.yaml of a registered method lists its options at the method's defaults, and
+    conf/prior/none.yaml holds the parametric priors' defaults: the files show what the code does."""
+    import inspect
+
+    from pore.presets import compose_preset, names
+
+    for name in names("method"):
+        node = compose_preset("method", name)
+        parameters = inspect.signature(METHODS.get(node["method"]).__init__).parameters
+        defaults = {key: parameters[key].default for key in METHODS.get(node["method"]).option_names()}
+        assert {key: defaults[key] for key in node["options"]} == node["options"], name
+    prior = compose_preset("prior", "none")
+    for prior_name, key in (("linear", "alpha"), ("exponential", "sigma")):
+        assert inspect.signature(PRIORS.get(prior_name)).parameters[key].default == prior[key]
 
 
 def test_strategy_config_values_by_hand(compose: Compose) -> None:

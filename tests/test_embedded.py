@@ -12,8 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pipeline_fixtures import OFFLINE_ENV, REPO, RUN
-from pore.config import register_resolvers
-from pore.evaluate import evaluate
+from pore.app.config import register_resolvers
+from pore.app.evaluate import evaluate
 
 SPLIT = 400  # the whole shipped test split: 100 questions of each type, top and bottom alike
 
@@ -22,7 +22,7 @@ def blind_accuracy() -> float:
     """What answering without the image scores: the most common answer of each question template."""
     from collections import Counter
 
-    from pore.spatial import generate
+    from pore.testing.spatial import generate
 
     train, test = generate("train", 4000), generate("test", SPLIT)
 

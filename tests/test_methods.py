@@ -15,7 +15,7 @@ from transformers.masking_utils import create_causal_mask
 
 from conftest import GRID, IMAGE_TOKEN, TOKENS_PER_IMAGE, build_tiny_llava, left_pad, make_prompt, pixels
 from pore import Pruner, build_strategy
-from pore.adapters import VisualLayout
+from pore.adapters import ModelFacts, VisualLayout
 from pore.methods import METHODS, ScoringInputs
 from pore.methods.pool import window_grid, window_of_cells
 from pore.methods.sparsevlm import density_peak_clusters
@@ -277,9 +277,14 @@ def test_pdrop_cached_generation_equals_recomputing_without_cache(positions: str
 
 
 def test_growing_stage_budgets_are_refused() -> None:
+    """Fixed budgets that grow are refused when the pruner is built; a share that leaves fewer tokens than a
+    later fixed budget asks for, at the prefill that finds out."""
     model = build_tiny_llava()
+    with pytest.raises(ValueError, match="grows from stage to stage"):
+        Pruner(model, build_strategy("pdrop", layer=[1, 2], keep=[4, 8], ratio=None))
+    share_then_more = build_strategy("pdrop", layer=[1, 2], keep=[None, 8], ratio=[0.1, 1.0])
     with (
-        Pruner(model, build_strategy("pdrop", layer=[1, 2], keep=[4, 8], ratio=None)),
+        Pruner(model, share_then_more),
         pytest.raises(ValueError, match="budgets must not grow from stage to stage"),
     ):
         model(input_ids=single(PROMPTS[0]), pixel_values=pixels(1))
@@ -358,11 +363,11 @@ def test_sparsevlm_official_raters_come_from_the_input_embeddings() -> None:
 def test_sparsevlm_presets_are_the_official_budget_tables(name: str, keep: tuple[int, ...]) -> None:
     """Official v1 (LLaVA-1.5): scored in layers 2 / 6 / 15, pruned right after them (K = 3 / 7 / 16),
     keeping the table's tokens of the 576; raters from the embeddings, compact positions."""
-    strategy = build_strategy(name).validate(num_layers=32)
+    strategy = build_strategy(name).resolve(ModelFacts("llava", 32, pads_to_square=True))
     assert [(stage.layer, stage.budget(576)) for stage in strategy.stages()] == list(
         zip((3, 7, 16), keep, strict=True)
     )
-    assert strategy.options["raters"] == "official" and strategy.resolved_positions() == "compact"
+    assert strategy.options["raters"] == "official" and strategy.positions == "compact"
 
 
 def test_sparsevlm_stages_keep_their_budgets_and_cluster_recycling_adds_the_official_count() -> None:
@@ -621,11 +626,11 @@ def test_pruning_before_the_language_model_generates_like_the_shortened_prompt(s
 
 
 def test_only_methods_without_language_model_attention_prune_before_layer_1() -> None:
-    build_strategy("pool", layer=0).validate(num_layers=32)
+    build_strategy("pool", layer=0).resolve(ModelFacts("llava", 32, pads_to_square=True))
     with pytest.raises(ValueError, match=r"layer must be in \[1, 31\].*scored in layer K-1"):
-        build_strategy("fastv", layer=0).validate(num_layers=32)
+        build_strategy("fastv", layer=0).resolve(ModelFacts("llava", 32, pads_to_square=True))
     with pytest.raises(ValueError, match=r"layer must be in \[0, 31\]"):
-        build_strategy("pool", layer=-1).validate(num_layers=32)
+        build_strategy("pool", layer=-1).resolve(ModelFacts("llava", 32, pads_to_square=True))
 
 
 def test_sparsevlm_cluster_recycling_carries_the_cluster_mean_into_the_kept_centre() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_fixtures import OFFLINE_ENV, REPO, RUN, run_cli, write_vqa_parquet
-from pore.tiny import build_tiny_checkpoint
+from pore.testing.tiny_llava import build_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

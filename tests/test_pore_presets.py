@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import pytest
 import torch
 from omegaconf import DictConfig
@@ -21,8 +22,9 @@ from omegaconf import DictConfig
 import pore
 from conftest import GRID, IMAGE_TOKEN, TOKENS_PER_IMAGE, build_tiny_llava, left_pad, make_prompt, pixels
 from pore import Pruner, build_strategy
-from pore.config import build_strategy as strategy_from_config
-from pore.config import register_resolvers
+from pore.adapters import ModelFacts
+from pore.app.config import build_strategy as strategy_from_config
+from pore.app.config import register_resolvers
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PROMPTS = [make_prompt([1, 5, 6], 1, [7, 8, 9, 10]), make_prompt([1, 11], 1, [12, 13, 14, 15, 16, 17])]
@@ -140,14 +142,13 @@ def test_a_later_stage_may_ask_for_more_than_the_cut_left(second: int, kept_in_t
         kept = pruner.last_record.kept_raster[0][0]
         assert len(kept) == kept_in_the_end and set(kept) <= set(content_tokens(200, 300))
     growing = authors_fastv(30).replace(method="pdrop", layer=(1, 2), keep=(20, 30))
-    with torch.no_grad(), Pruner(model, growing) as pruner, pytest.raises(ValueError, match="must not grow"):
-        pruner.set_image_sizes([[(200, 300)]])
-        model(input_ids=torch.tensor([PROMPTS[0]]), pixel_values=pixels(1))
+    with pytest.raises(ValueError, match="grows from stage to stage"):
+        Pruner(model, growing)
 
 
 def test_the_cut_needs_padding_suppression() -> None:
     with pytest.raises(ValueError, match=r"set strategy\.prior\.suppress_padding=true as well"):
-        authors_fastv(30, suppress_padding=False).validate()
+        authors_fastv(30, suppress_padding=False).resolve()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_fastv_preset_is_the_authors_setting(compose: Compose) -> None:
     )
     row_starts = prior.weights(first_and_last_row, first_column, side, side)
     assert row_starts.tolist() == pytest.approx([1.0, 0.39], abs=0.005)
-    strategy.validate(num_layers=32)
+    strategy.resolve(ModelFacts("llava", 32, pads_to_square=True))
 
 
 @pytest.mark.parametrize(
@@ -209,25 +210,30 @@ def test_pdrop_and_sparsevlm_presets_are_the_authors_settings(
         threshold,
         False,
     )
-    strategy.validate(num_layers=32)
+    strategy.resolve(ModelFacts("llava", 32, pads_to_square=True))
 
 
 @pytest.mark.parametrize("preset", ["pore_authors_pdrop", "pore_authors_sparsevlm"])
 def test_sigma_is_chosen_by_the_data_name(compose: Compose, preset: str) -> None:
-    """sigma_by_data maps data.name to sigma; a benchmark without an entry gets sigma_default; an explicit
-    strategy.prior.sigma wins over both."""
+    """sigma_by_data maps data.name to sigma; a benchmark without an entry gets the preset's sigma; a sigma
+    typed on the command line wins over both."""
     table = ("+strategy.prior.sigma_by_data.gqa=2.38", "+strategy.prior.sigma_by_data.pope=1.45")
 
     def sigma(*overrides: str) -> float:
-        strategy = strategy_from_config(compose(f"strategy={preset}", *table, *overrides))
+        """The sigma a run with these command-line overrides prunes with."""
+        cfg = hydra.compose("config", [f"strategy={preset}", *table, *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # what the run's command line typed (as @hydra.main sets it)
+        try:
+            strategy = strategy_from_config(cfg).resolve(data=str(cfg.data.name))
+        finally:
+            HydraConfig.instance().cfg = None
         return strategy.prior.hyperparameters()["sigma"]
 
     default = pore.build_strategy(preset).prior.hyperparameters()["sigma"]
     assert sigma("data=gqa") == 2.38
     assert sigma("data=pope") == 1.45
     assert sigma("data=mme") == default
-    assert sigma("data=gqa", "strategy.prior.sigma_default=1.5") == 2.38
-    assert sigma("data=mme", "strategy.prior.sigma_default=1.5") == 1.5
+    assert sigma("data=mme", "strategy.prior.sigma=1.5") == 1.5
     assert sigma("data=gqa", "strategy.prior.sigma=1.0") == 1.0
 
 
@@ -240,4 +246,4 @@ def test_presets_switch_to_the_authors_weight_files(compose: Compose, preset: st
     strategy = strategy_from_config(cfg)
     assert strategy.prior.name == "table" and strategy.prior.suppress_padding
     assert strategy.prior.hyperparameters() == {"path": str(path), "resample": False}
-    strategy.validate(num_layers=32)
+    strategy.resolve(ModelFacts("llava", 32, pads_to_square=True))

@@ -54,7 +54,7 @@ def test_unused_settings_are_ignored_and_defaults_filled() -> None:
         {"name": "exponential", "alpha": 0.3, "sigma": 1.0, "position": "index"}
     )
     assert config.hyperparameters() == {"sigma": 1.0}
-    assert PriorConfig("linear").hyperparameters() == {"alpha": 0.5}
+    assert PriorConfig("linear").hyperparameters() == {"alpha": 0.6}
 
 
 @pytest.mark.parametrize(

@@ -32,11 +32,13 @@ from benchmark_tables import image_cell, vqav2_row, write_table
 from conftest import build_tiny_llava
 from pipeline_fixtures import run_cli
 from pore import build_strategy
-from pore.config import asset_path, build_benchmark, build_protocol, register_resolvers
+from pore.app.config import build_benchmark, build_protocol, register_resolvers
+from pore.app.evaluation import predictions
+from pore.assets import asset_path
 from pore.data import Benchmark, PromptCollator, Sample
 from pore.data.loading import open_stream
 from pore.data.protocol import Protocol, expand2square, mean_colour, vicuna_v1_prompt
-from pore.evaluation import predictions
+from pore.engine import Pruner
 from pore.metrics import METRICS
 from pore.metrics.answer_rules import (
     evalai_normalize,
@@ -48,7 +50,6 @@ from pore.metrics.answer_rules import (
     mmbench_letter,
 )
 from pore.metrics.normalize import normalize_vqa
-from pore.pruning import Pruner
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PROTOCOLS = ("default", "llava", "lmms_eval")

@@ -21,9 +21,10 @@ import pytest
 
 from pipeline_fixtures import OFFLINE_ENV, REPO, RUN, run_cli, write_vqa_parquet
 from pore import build_strategy
+from pore.adapters import ModelFacts
+from pore.app.evaluation.lock import LOCK_NAME
+from pore.app.evaluation.progress import batches_for
 from pore.errors import UserError, user_errors
-from pore.evaluation.lock import LOCK_NAME
-from pore.evaluation.progress import batches_for
 
 CALIBRATION = REPO / "assets" / "calibration" / "tiny_llava" / "spatial" / "layer2.json"
 
@@ -156,15 +157,15 @@ def test_only_user_errors_are_shortened(capsys: pytest.CaptureFixture[str]) -> N
 def test_pyramiddrop_presets_scale_their_stages_to_the_model_depth() -> None:
     pdrop = build_strategy("pdrop")
     assert pdrop.layers == (8, 16, 24) and pdrop.reference_depth == 32
-    assert pdrop.validate(num_layers=32).layers == (8, 16, 24)
-    assert pdrop.validate(num_layers=40).layers == (10, 20, 30)
-    assert pdrop.validate(num_layers=28).layers == (7, 14, 21)
-    assert build_strategy("pore_pdrop_linear").validate(num_layers=4).layers == (1, 2, 3)
-    assert pdrop.replace(reference_depth=None).validate(num_layers=40).layers == (8, 16, 24)
+    assert pdrop.resolve(ModelFacts("llava", 32, pads_to_square=True)).layers == (8, 16, 24)
+    assert pdrop.resolve(ModelFacts("llava", 40, pads_to_square=True)).layers == (10, 20, 30)
+    assert pdrop.resolve(ModelFacts("llava", 28, pads_to_square=True)).layers == (7, 14, 21)
+    assert build_strategy("pore_pdrop_linear").resolve(ModelFacts("llava", 4, pads_to_square=True)).layers == (1, 2, 3)
+    assert pdrop.replace(reference_depth=None).resolve(ModelFacts("llava", 40, pads_to_square=True)).layers == (8, 16, 24)
     # Layers given for a model (Python, or strategy.layer on the command line) are that model's own.
-    assert build_strategy("pdrop", layer=[1, 2, 3]).validate(num_layers=4).layers == (1, 2, 3)
+    assert build_strategy("pdrop", layer=[1, 2, 3]).resolve(ModelFacts("llava", 4, pads_to_square=True)).layers == (1, 2, 3)
     with pytest.raises(ValueError) as caught:
-        pdrop.validate(num_layers=3)
+        pdrop.resolve(ModelFacts("llava", 3, pads_to_square=True))
     assert str(caught.value) == (
         "strategy.layer=[8, 16, 24] (written for a 32-layer language model) does not scale to this 3-layer "
         "model (it gives [1, 2, 2]); set increasing layers in [1, 2], this model has room for at most 2 "
@@ -350,7 +351,7 @@ def test_a_benchmark_setting_that_fails_is_listed_and_the_command_exits_1(tmp_pa
     """As `index 1 is out of bounds` in the ideal's generation under transformers 5.24 (its decoder gets the
     cache as `cache=`, which the reducer did not read): here the ideal's scoring-free index raises."""
     fail_the_ideal = (
-        "from pore.bench.reduce import IdealReducer\n"
+        "from pore.app.bench.reduce import IdealReducer\n"
         "def select(self, hidden, kwargs):\n"
         "    raise RuntimeError('index 1 is out of bounds for dimension 1 with size 1')\n"
         "IdealReducer.select = select"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pore.metrics import SpatialAccuracy
-from pore.spatial import (
+from pore.testing.spatial import (
     COLOURS,
     NUMBER_WORDS,
     QUESTION_TYPES,

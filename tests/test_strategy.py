@@ -1,10 +1,11 @@
 import pytest
 
-from pore import STRATEGIES, Strategy, UnknownNameError, build_strategy
+from pore import Strategy, UnknownNameError, build_strategy, presets
+from pore.adapters import ModelFacts
 
 
 def test_predefined_strategies() -> None:
-    assert {"none", "fastv", "pore_linear", "pore_exponential", "random"} <= set(STRATEGIES)
+    assert {"none", "fastv", "pore_linear", "pore_exponential", "random"} <= set(presets.names())
     for method in ("pdrop", "sparsevlm"):
         for form in ("linear", "exponential"):
             strategy = build_strategy(f"pore_{method}_{form}")
@@ -42,7 +43,7 @@ def test_unknown_names_list_the_valid_ones() -> None:
     with pytest.raises(
         UnknownNameError, match="choose one of: fastervlm, fastv, none, pdrop, pool, random, sparsevlm"
     ):
-        Strategy(method="sparse").validate()
+        Strategy(method="sparse").resolve()
     with pytest.raises(ValueError, match="unknown strategy settings"):
         Strategy.from_mapping({"method": "fastv", "kep": 3})
 
@@ -60,12 +61,12 @@ def test_unknown_names_list_the_valid_ones() -> None:
 )
 def test_bad_settings_raise(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        build_strategy("fastv", **settings).validate(num_layers=32)
+        build_strategy("fastv", **settings).resolve(ModelFacts("llava", 32, pads_to_square=True))
 
 
 def test_stages_from_lists() -> None:
     pdrop = build_strategy("pdrop")
-    stages = pdrop.validate(num_layers=32).stages()
+    stages = pdrop.resolve(ModelFacts("llava", 32, pads_to_square=True)).stages()
     assert [(s.layer, s.ratio, s.reweight) for s in stages] == [
         (8, 0.5, True),
         (16, 0.25, True),
@@ -93,12 +94,12 @@ def test_stages_from_lists() -> None:
 )
 def test_bad_stage_settings_raise(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        build_strategy("pdrop", **settings).validate(num_layers=32)
+        build_strategy("pdrop", **settings).resolve(ModelFacts("llava", 32, pads_to_square=True))
 
 
 def test_method_options_are_checked() -> None:
     with pytest.raises(
         ValueError, match=r"unknown strategy.options \['merg'\].*valid options: raters, recycle, merge"
     ):
-        build_strategy("sparsevlm", options={"merg": True}).validate()
-    build_strategy("sparsevlm", options={"merge": True}).validate()
+        build_strategy("sparsevlm", options={"merg": True}).resolve()
+    build_strategy("sparsevlm", options={"merge": True}).resolve()

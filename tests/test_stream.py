@@ -31,7 +31,7 @@ from pore.data import (
     Sample,
     StreamSource,
 )
-from pore.tiny import build_processor
+from pore.testing.tiny_llava import build_processor
 
 ROWS = 37
 SHARD_SIZES = [4, 13, 9, 11]

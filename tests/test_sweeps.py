@@ -2,7 +2,7 @@
 
 The shipped files are parsed, every parameter set the engine proposes for them is composed with Hydra's
 compose API against `conf/` and validated as the run would; their metric names are keys that
-`pore.evaluation.report` writes. An offline sweep runs `src/run.py` on the embedded tiny model in
+`pore.app.evaluation.report` writes. An offline sweep runs `src/run.py` on the embedded tiny model in
 subprocesses, is killed (SIGKILL of the runner's process group) while a trial runs, resumes, and ends with
 every parameter set exactly once, ranked by the metric read from the runs' metrics.json.
 """
@@ -31,13 +31,13 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from pipeline_fixtures import OFFLINE_ENV, REPO
-from pore.sweeps import engine, leaderboard
-from pore.sweeps.command import agent_args, build_command
-from pore.sweeps.overrides import LOGISTICS, apply_overrides, dedupe
-from pore.sweeps.runner import Options, Runner, identity
-from pore.sweeps.spec import SweepSpec, SweepSpecError, load_spec, parse_spec
-from pore.sweeps.state import SweepDir, SweepStateError
-from pore.sweeps.validate import composer
+from pore.app.sweeps import engine, leaderboard
+from pore.app.sweeps.command import agent_args, build_command
+from pore.app.sweeps.overrides import LOGISTICS, apply_overrides, dedupe
+from pore.app.sweeps.runner import Options, Runner, identity
+from pore.app.sweeps.spec import SweepSpec, SweepSpecError, load_spec, parse_spec
+from pore.app.sweeps.state import SweepDir, SweepStateError
+from pore.app.sweeps.validate import composer
 
 SWEEP = REPO / "src" / "sweep.py"
 SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -54,7 +54,7 @@ def env() -> dict[str, str]:
 def sweep_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> Any:
     """`sweep_main(*args)` -> (exit status, stdout): the CLI in this process (no second start-up of torch);
     its trials still run as subprocesses, offline."""
-    from pore.sweeps.cli import main
+    from pore.app.sweeps.cli import main
 
     monkeypatch.chdir(REPO)
     for key, value in OFFLINE_ENV.items():
@@ -174,8 +174,8 @@ def test_every_proposed_parameter_set_composes_into_a_valid_config(path: Path, t
 def test_metric_names_are_keys_the_report_writes(path: Path) -> None:
     """The sweep's metric (or, without one, each benchmark's `<name>/acc`) is a key of metrics.json / W&B."""
     needs_calibrated(path)
-    from pore.config import build_benchmark
-    from pore.evaluation.report import benchmark_metrics
+    from pore.app.config import build_benchmark
+    from pore.app.evaluation.report import benchmark_metrics
 
     spec = shipped(path)
     if spec.metric is not None:
@@ -338,7 +338,7 @@ def test_only_result_changing_settings_make_another_sweep() -> None:
     assert identity(spec, ["data.limit=200"]) != base
     assert identity(apply_overrides(spec, ["strategy.keep=32"])[0], ["data.limit=100"]) != base
 
-    from pore.config import DATA_LOGISTICS
+    from pore.app.config import DATA_LOGISTICS
 
     assert {f"data.{key}" for key in DATA_LOGISTICS} == set(LOGISTICS)
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
 from pore import Pruner, build_strategy
-from pore.tiny import (
+from pore.testing.tiny_llava import (
     DEFAULT_WORDS,
     IMAGE_TOKEN,
     build_processor,

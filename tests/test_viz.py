@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipeline_fixtures import OFFLINE_ENV, REPO
-from pore.config import register_resolvers
-from pore.evaluate import evaluate
-from pore.viz import run_figures
-from pore.viz.figures import (
+from pore.app.config import register_resolvers
+from pore.app.evaluate import evaluate
+from pore.app.viz import run_figures
+from pore.app.viz.figures import (
     BY_ROW_SIZE,
     KEPT_BY_ROW_SIZE,
     KeptSummary,
@@ -36,7 +36,7 @@ from pore.viz.figures import (
     render_kept,
     samples_size,
 )
-from pore.viz.runs import kept_summary, load_run, most_different
+from pore.app.viz.runs import kept_summary, load_run, most_different
 
 VIZ = REPO / "src" / "viz.py"
 

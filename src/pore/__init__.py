@@ -6,21 +6,32 @@ Public API::
     with Pruner(model, build_strategy("pore_linear", keep=64)) as pruner:
         output_ids = model.generate(**inputs, max_new_tokens=16)
     pruner.last_record.kept_raster
+
+`import pore` loads the library only (torch, transformers): neither Lightning nor Hydra.
 """
 
-from pore.adapters import ADAPTERS, ModelAdapter, VisualLayout, adapter_for
+from pore import presets
+from pore.adapters import (
+    ADAPTERS,
+    ModelAdapter,
+    ModelFacts,
+    VisualLayout,
+    adapter_class_for_config,
+    adapter_for,
+)
+from pore.engine import Pruner, PruningRecord
 from pore.methods import METHODS, PruningMethod, ScoringInputs
+from pore.presets import build_strategy
 from pore.priors import PRIORS, PriorConfig
-from pore.pruning import Pruner, PruningRecord
 from pore.registry import Registry, UnknownNameError
-from pore.strategy import STRATEGIES, Strategy, build_strategy
+from pore.strategy import Strategy
 
 __all__ = [
     "ADAPTERS",
     "METHODS",
     "PRIORS",
-    "STRATEGIES",
     "ModelAdapter",
+    "ModelFacts",
     "PriorConfig",
     "Pruner",
     "PruningMethod",
@@ -30,7 +41,9 @@ __all__ = [
     "Strategy",
     "UnknownNameError",
     "VisualLayout",
+    "adapter_class_for_config",
     "adapter_for",
     "build_strategy",
+    "presets",
 ]
 __version__ = "0.1.0"

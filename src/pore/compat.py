@@ -10,7 +10,7 @@ The pruner hooks into public extension points (forward pre-hooks with kwargs, th
 - generate() may encode the images before the prefill (5.23 on): the multimodal forward then gets
   `mm_encoder_outputs` instead of `pixel_values`, and no `image_sizes`.
 
-The engine (`pore.pruning.engine`), the benchmark's fixed-index reduction (`pore.bench.reduce`) and
+The engine (`pore.engine.pruner`), the benchmark's fixed-index reduction (`pore.app.bench.reduce`) and
 calibration read these through the functions below, never by version checks of their own.
 
 `TESTED` is the range the whole suite has passed on (pyproject.toml bounds the install to it). A release

@@ -6,7 +6,9 @@ the command line, so an unknown name must say which names exist.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -51,3 +53,15 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_submodules(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package (`import_submodules(__name__, __path__)` in its `__init__`).
+
+    Methods, priors, adapters and benchmarks register themselves when their module is imported, so that
+    adding one is adding one file: no list of modules to keep up to date. Modules whose name starts with an
+    underscore are left out.
+    """
+    for module in sorted(pkgutil.iter_modules(path), key=lambda info: info.name):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{package}.{module.name}")

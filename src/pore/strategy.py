@@ -1,4 +1,9 @@
-"""A strategy = a pruning method + a reweighting prior + their hyperparameters, registered by name.
+"""A strategy = a pruning method + a reweighting prior + where and how much to prune.
+
+Strategies are not defined in Python: the named presets are config files (conf/strategy/, composing
+conf/method/ and conf/prior/), read by `pore.presets.build_strategy` and by the command-line programs alike.
+This module is what such a config becomes, and `Strategy.resolve`, the one place where a strategy is checked
+and fitted to a model: what the engine runs is what `resolve` returns.
 
 The names of the fields are the config keys that users and sweeps set: `strategy.keep`, `strategy.layer`,
 `strategy.prior.alpha`, `strategy.prior.sigma`, `strategy.prior.position`, `strategy.options.<name>`.
@@ -12,9 +17,9 @@ the compacted length: what PyramidDrop, SparseVLM and FasterVLM do by removing t
 (default): the method's own choice (`PruningMethod.official_positions`; docs/methods.md).
 
 `strategy.reference_depth` says that `layer` is written for a language model of that many layers: on a model
-of another depth the layers are scaled proportionally (`validate(num_layers)` returns the scaled strategy).
-The PyramidDrop presets split a 32-layer LLM into four equal stages (8/16/24), so they set 32: a 40-layer
-LLM prunes before 10/20/30, the 4-layer embedded model before 1/2/3. null = the layers as written.
+of another depth the layers are scaled proportionally (round(K * depth / reference_depth)). The PyramidDrop
+presets split a 32-layer LLM into four equal stages (8/16/24), so they set 32: a 40-layer LLM prunes before
+10/20/30, the 4-layer embedded model before 1/2/3. null = the layers as written.
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pore.calibration.priorfile import embedded_prior_path
+from pore.adapters.base import ModelFacts
 from pore.errors import did_you_mean
 from pore.methods import METHODS
 from pore.priors import PriorConfig
-from pore.registry import Registry
+from pore.priors.base import BY_DATA
 
 POSITIONS = ("official", "original", "compact")
 
@@ -62,6 +67,7 @@ class Strategy:
     `layer`, `keep` and `ratio` are single values for one pruning stage, or lists of one value per stage
     (`keep` / `ratio` may stay single values, then every stage uses them). `reweight` says whether the prior
     applies at every stage (`all`) or only at the first (`first`). `options` are the method's own settings.
+    The defaults are those of conf/strategy/none.yaml (a test keeps them equal).
     """
 
     name: str = "none"
@@ -74,9 +80,8 @@ class Strategy:
     options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     positions: Literal["official", "original", "compact"] = "official"
-    reference_depth: int | None = (
-        None  # `layer` is written for an LLM this deep (scaled to others); None: as is
-    )
+    # `layer` is written for an LLM this deep (scaled to others by `resolve`); None: as written
+    reference_depth: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("layer", "keep", "ratio"):
@@ -101,11 +106,13 @@ class Strategy:
 
     def replace(self, **changes: Any) -> Strategy:
         """A copy with some settings changed; `prior` may be a mapping of prior settings to update. New
-        `layer`s are the model's own (`reference_depth` is cleared unless it is given too)."""
+        `layer`s are the model's own (`reference_depth` is cleared unless it is given too), and a prior
+        setting given here holds for every data set (its `<key>_by_data` table is dropped)."""
         prior = changes.pop("prior", None)
         if isinstance(prior, Mapping):
             current = {k: v for k, v in dataclasses.asdict(self.prior).items() if k != "params"}
-            prior = PriorConfig.from_mapping({**current, **self.prior.params, **prior})
+            params = {k: v for k, v in self.prior.params.items() if k.removesuffix(BY_DATA) not in prior}
+            prior = PriorConfig.from_mapping({**current, **params, **prior})
         if prior is not None:
             changes["prior"] = prior
         if "layer" in changes:  # layers given for a model are that model's layers: no preset scaling
@@ -121,8 +128,14 @@ class Strategy:
         """The layers before which tokens are pruned, one per stage."""
         return self.layer if isinstance(self.layer, tuple) else (self.layer,)
 
+    @property
+    def lowest_layer(self) -> int:
+        """Methods scored by the language model's attention read it in layer K-1, so K >= 1; the others may
+        prune before the first layer (K = 0: the language model never sees the dropped tokens)."""
+        return 1 if METHODS.get(self.method).attention_queries is not None else 0
+
     def stages(self) -> list[PruningStage]:
-        """The pruning stages in layer order (call `validate` first for readable errors)."""
+        """The pruning stages in layer order (`resolve` first for readable errors)."""
         count = len(self.layers)
 
         def per_stage(value: Any) -> tuple:
@@ -134,41 +147,78 @@ class Strategy:
             for index, (layer, keep, ratio) in enumerate(zip(self.layers, keeps, ratios, strict=True))
         ]
 
-    def for_depth(self, num_layers: int) -> Strategy:
-        """This strategy on a `num_layers`-layer language model: layers written for `reference_depth`
-        layers scaled proportionally (round(K * num_layers / reference_depth)); as is without one."""
-        if self.reference_depth is None:
-            return self
+    def budget(self, tokens_in_image: int) -> int:
+        """How many of an image's `tokens_in_image` prunable tokens the first stage keeps."""
+        return self.stages()[0].budget(tokens_in_image)
+
+    # ------------------------------------------------------------------ resolution
+
+    def resolve(self, model: ModelFacts | None = None, data: str | None = None) -> Strategy:
+        """Check every setting and fit the strategy to `model` and to the data set named `data`: the one
+        place where a strategy becomes what the engine runs. Errors name the setting and the valid range.
+
+        - layers written for `reference_depth` layers are scaled to the model's depth;
+        - `positions=official` becomes the method's own choice (`original` where 3-D M-RoPE positions
+          cannot be renumbered);
+        - prior settings chosen per data set (`<key>_by_data`) are applied;
+        - budgets are checked against the model's image tokens, padding suppression against the family.
+
+        Without `model` only what does not depend on the model is checked. Resolving a resolved strategy
+        against the same model returns it unchanged.
+        """
+        method = METHODS.get(self.method)
+        prior = self.prior.for_data(data)
+        prior.validate()
+        method.check_options(self.options)
+        resolved = dataclasses.replace(self, prior=prior)
+        if not self.prunes:
+            return resolved
+        resolved._check_settings()
+        if model is not None:
+            resolved = resolved._for_depth(model.num_layers)
+            resolved = dataclasses.replace(resolved, positions=resolved._positions_for(model))
+            resolved._check_model(model)
+        return resolved
+
+    def _check_settings(self) -> None:
+        """What can be checked without a model: names, types, one value per stage, budgets."""
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"strategy.positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}"
+            )
+        if self.reweight not in ("all", "first"):
+            raise ValueError(f"strategy.reweight must be 'all' or 'first', got {self.reweight!r}")
+        if not self.layers:
+            raise ValueError("strategy.layer must name at least one layer")
+        self._check_types()
         reference = self.reference_depth
-        if isinstance(reference, bool) or not isinstance(reference, int) or reference < 1:
+        if reference is not None and (
+            isinstance(reference, bool) or not isinstance(reference, int) or reference < 1
+        ):
             raise ValueError(
                 f"strategy.reference_depth must be a positive integer or null, got {reference!r}"
             )
-        self._check_types()
-        lowest = 1 if METHODS.get(self.method).attention_queries is not None else 0
-        written = self.layers
-        fits_reference = all(lowest <= k < reference for k in written) and all(
-            b > a for a, b in itertools.pairwise(written)
-        )
-        if (
-            num_layers == reference or not fits_reference
-        ):  # nothing to scale, or validate() says what is wrong
-            return dataclasses.replace(self, reference_depth=None)
-        scaled = tuple(max(lowest, round(layer * num_layers / reference)) for layer in self.layers)
-        if any(b <= a for a, b in itertools.pairwise(scaled)) or scaled[-1] >= num_layers:
-            stages, room = len(scaled), num_layers - lowest
-            fix = (
-                f"e.g. strategy.layer={list(range(lowest, lowest + stages))} strategy.reference_depth=null"
-                if stages <= room
-                else f"this model has room for at most {room} stages: give fewer layers, keeps and ratios"
-            )
+        for key in ("keep", "ratio"):
+            value = getattr(self, key)
+            if isinstance(value, tuple) and len(value) != len(self.layers):
+                raise ValueError(
+                    f"strategy.{key} has {len(value)} values but strategy.layer names {len(self.layers)} "
+                    f"stages; give one value per stage or a single value"
+                )
+        if any(b <= a for a, b in itertools.pairwise(self.layers)):
+            raise ValueError(f"strategy.layer must list increasing layers, got {list(self.layers)}")
+        for stage in self.stages():
+            if stage.keep is None and stage.ratio is None:
+                raise ValueError("set strategy.keep (tokens kept per image) or strategy.ratio (share kept)")
+            if stage.keep is not None and stage.keep < 1:
+                raise ValueError(f"strategy.keep must be a positive integer, got {stage.keep}")
+            if stage.keep is None and not 0.0 < stage.ratio <= 1.0:  # also rejects NaN
+                raise ValueError(f"strategy.ratio must be in (0, 1], got {stage.ratio}")
+        keeps = [stage.keep for stage in self.stages()]
+        if None not in keeps and any(b > a for a, b in itertools.pairwise(keeps)):
             raise ValueError(
-                f"strategy.layer={list(self.layers)} (written for a {reference}-layer language model) does "
-                f"not scale to this {num_layers}-layer model (it gives {list(scaled)}); set increasing "
-                f"layers in [{lowest}, {num_layers - 1}], {fix}"
+                f"strategy.keep={keeps} grows from stage to stage; each stage keeps at most the last's"
             )
-        layer = scaled if isinstance(self.layer, tuple) else scaled[0]
-        return dataclasses.replace(self, layer=layer, reference_depth=None)
 
     def _check_types(self) -> None:
         """Numbers where numbers belong (the command line turns `strategy.keep=abc` into a string)."""
@@ -184,188 +234,82 @@ class Strategy:
                         f"strategy.{key} must be {wanted} (or a list of them, one per stage), got {item!r}"
                     )
 
-    def validate(self, num_layers: int | None = None) -> Strategy:
-        """Check every setting; returns the strategy to use (self, or its layers scaled to `num_layers`
-        when `reference_depth` is set), so it chains. Errors name the valid range."""
-        method = METHODS.get(self.method)
-        self.prior.validate()
-        method.check_options(self.options)
-        if not self.prunes:
-            return self
-        if self.positions not in POSITIONS:
+    def _for_depth(self, num_layers: int | None) -> Strategy:
+        """Layers written for `reference_depth` layers scaled to a `num_layers`-layer model, then checked
+        against its depth; `reference_depth` is cleared either way."""
+        reference, lowest = self.reference_depth, self.lowest_layer
+        scaled = self.layers
+        if num_layers is not None and reference is not None and num_layers != reference:
+            scaled = tuple(max(lowest, round(layer * num_layers / reference)) for layer in self.layers)
+            fits_reference = all(lowest <= k < reference for k in self.layers)
+            broken = any(b <= a for a, b in itertools.pairwise(scaled)) or scaled[-1] >= num_layers
+            if fits_reference and broken:
+                stages, room = len(scaled), num_layers - lowest
+                fix = (
+                    f"e.g. strategy.layer={list(range(lowest, lowest + stages))} "
+                    "strategy.reference_depth=null"
+                    if stages <= room
+                    else f"this model has room for at most {room} stages: give fewer layers, keeps and ratios"
+                )
+                raise ValueError(
+                    f"strategy.layer={list(self.layers)} (written for a {reference}-layer language model) "
+                    f"does not scale to this {num_layers}-layer model (it gives {list(scaled)}); set "
+                    f"increasing layers in [{lowest}, {num_layers - 1}], {fix}"
+                )
+            if not fits_reference:  # the layers as written are wrong: say so in the model's own terms
+                scaled = self.layers
+        if num_layers is not None:
+            for layer in scaled:
+                if not lowest <= layer < num_layers:
+                    reason = "pruning happens before layer K" + (
+                        " and is scored in layer K-1" if lowest else ""
+                    )
+                    raise ValueError(
+                        f"strategy.layer must be in [{lowest}, {num_layers - 1}] for this {num_layers}-layer "
+                        f"language model ({reason}), got {layer}"
+                    )
+        layer = scaled if isinstance(self.layer, tuple) else scaled[0]
+        return dataclasses.replace(self, layer=layer, reference_depth=None)
+
+    def _positions_for(self, model: ModelFacts) -> Literal["original", "compact"]:
+        """`positions` for this model: `official` becomes the method's own choice.
+
+        Qwen2-VL's 3-D M-RoPE gives image tokens (t, row, col) positions and the text after an image the
+        largest of them + 1; no official code of these methods compacts such positions, and renumbering
+        them would break the 2-D layout the model was trained with, so `official` keeps the original
+        positions there and an explicit `compact` is refused.
+        """
+        wanted = (
+            METHODS.get(self.method).official_positions if self.positions == "official" else self.positions
+        )
+        if wanted == "compact" and model.multimodal_rope:
+            if self.positions == "compact":
+                raise ValueError(
+                    f"strategy.positions=compact renumbers 1-D RoPE positions, but {model.family} models use "
+                    f"3-D M-RoPE positions that cannot be compacted; use strategy.positions=original (or "
+                    f"official, which keeps them for this family)"
+                )
+            return "original"
+        return wanted
+
+    def _check_model(self, model: ModelFacts) -> None:
+        """Budgets against the model's image tokens; padding suppression against the family and the run."""
+        if model.image_tokens is not None:
+            for stage in self.stages():
+                if stage.keep is not None and stage.keep > model.image_tokens:
+                    n = model.image_tokens
+                    raise ValueError(
+                        f"strategy.keep={stage.keep} is larger than the {n} prunable image tokens of an "
+                        f"image of this model; use keep <= {n}, or strategy.ratio for a share of each image"
+                    )
+        if self.prior.suppress_padding and not model.pads_to_square:
             raise ValueError(
-                f"strategy.positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}"
+                f"prior.suppress_padding drops tokens of the pad-to-square border, but {model.family} models "
+                f"do not pad images to a square; set strategy.prior.suppress_padding=false"
             )
-        if self.reweight not in ("all", "first"):
-            raise ValueError(f"strategy.reweight must be 'all' or 'first', got {self.reweight!r}")
-        if not self.layers:
-            raise ValueError("strategy.layer must name at least one layer")
-        self._check_types()
-        if num_layers is not None and self.reference_depth is not None:
-            return self.for_depth(num_layers).validate(num_layers)
-        layers = self.layers
-        for key in ("keep", "ratio"):
-            value = getattr(self, key)
-            if isinstance(value, tuple) and len(value) != len(layers):
-                raise ValueError(
-                    f"strategy.{key} has {len(value)} values but strategy.layer names {len(layers)} stages; "
-                    f"give one value per stage or a single value"
-                )
-        if any(b <= a for a, b in itertools.pairwise(layers)):
-            raise ValueError(f"strategy.layer must list increasing layers, got {list(layers)}")
-        for stage in self.stages():
-            if stage.keep is None and stage.ratio is None:
-                raise ValueError("set strategy.keep (tokens kept per image) or strategy.ratio (share kept)")
-            if stage.keep is not None and (
-                isinstance(stage.keep, bool) or int(stage.keep) != stage.keep or stage.keep < 1
-            ):
-                raise ValueError(f"strategy.keep must be a positive integer, got {stage.keep}")
-            if stage.keep is None and not 0.0 < stage.ratio <= 1.0:  # also rejects NaN
-                raise ValueError(f"strategy.ratio must be in (0, 1], got {stage.ratio}")
-            # Methods scored by the language model's attention read it in layer K-1, so K >= 1; the others
-            # may prune before the first layer (K = 0: the language model never sees the dropped tokens).
-            lowest = 1 if method.attention_queries is not None else 0
-            if num_layers is not None and not lowest <= stage.layer < num_layers:
-                reason = (
-                    "pruning happens before layer K and is scored in layer K-1"
-                    if lowest
-                    else "pruning happens before layer K"
-                )
-                raise ValueError(
-                    f"strategy.layer must be in [{lowest}, {num_layers - 1}] for this {num_layers}-layer "
-                    f"language model ({reason}), got {stage.layer}"
-                )
-        return self
-
-    def budget(self, tokens_in_image: int) -> int:
-        """How many of an image's `tokens_in_image` prunable tokens the first stage keeps."""
-        return self.stages()[0].budget(tokens_in_image)
-
-    def resolved_positions(self) -> Literal["original", "compact"]:
-        """`positions` with `official` replaced by the method's own choice."""
-        if self.positions == "official":
-            return METHODS.get(self.method).official_positions
-        return self.positions
-
-
-STRATEGIES: Registry[Strategy] = Registry("strategy")
-STRATEGIES.add("none", Strategy(name="none", method="none"))
-STRATEGIES.add("fastv", Strategy(name="fastv", method="fastv"))
-STRATEGIES.add("random", Strategy(name="random", method="random"))
-# PoRe defaults: the FastV curve in the PoRe code falls from 1.0 to about 0.39 over the 24 rows of LLaVA-1.5,
-# so both predefined priors end near 0.4 at the bottom row (1 - 0.6 = 0.4; exp(-0.95) = 0.39).
-STRATEGIES.add(
-    "pore_linear",
-    Strategy(name="pore_linear", method="fastv", prior=PriorConfig("linear", params={"alpha": 0.6})),
-)
-STRATEGIES.add(
-    "pore_exponential",
-    Strategy(
-        name="pore_exponential", method="fastv", prior=PriorConfig("exponential", params={"sigma": 0.95})
-    ),
-)
-
-# PoRe with the prior measured by src/calibrate.py (default: the embedded model's own calibration folder;
-# a folder holds layer<K>.json per pruning layer, and the strategy's layer picks its file).
-STRATEGIES.add(
-    "pore_calibrated",
-    Strategy(
-        name="pore_calibrated",
-        method="fastv",
-        prior=PriorConfig("calibrated", params={"path": embedded_prior_path(), "form": "profile"}),
-    ),
-)
-
-LINEAR = PriorConfig("linear", params={"alpha": 0.6})
-EXPONENTIAL = PriorConfig("exponential", params={"sigma": 0.95})
-# PyramidDrop's published schedule for 32-layer LLMs: before layers 8 / 16 / 24, keep 50 / 25 / 12.5 %.
-# Scored, as the official code, with layer K's own norm + q / k projections on layer K's input. The stages
-# split the LLM into four equal parts, so other depths get the same split (reference_depth).
-PDROP = {
-    "layer": (8, 16, 24),
-    "ratio": (0.5, 0.25, 0.125),
-    "options": {"score_from": "own_layer"},
-    "reference_depth": 32,
-}
-STRATEGIES.add("pdrop", Strategy(name="pdrop", method="pdrop", **PDROP))
-# SparseVLM's official v1 schedule for LLaVA-1.5 (32 layers): scored in layers 2 / 6 / 15 and pruned right
-# after them (K = 3 / 7 / 16), keeping its budget table for 192 / 128 / 96 / 64 tokens on average
-# (Gumpest/SparseVLMs llava/model/language_model/score.py, USE_VERSION=1_0), raters from the embeddings.
-SPARSEVLM_LAYERS = (3, 7, 16)
-SPARSEVLM_BUDGETS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
-SPARSEVLM = {
-    "layer": SPARSEVLM_LAYERS,
-    "keep": SPARSEVLM_BUDGETS[192],
-    "ratio": None,
-    "options": {"raters": "official", "recycle": "none"},
-}
-STRATEGIES.add("sparsevlm", Strategy(name="sparsevlm", method="sparsevlm", **SPARSEVLM))
-for _average in (128, 96, 64):
-    STRATEGIES.add(
-        f"sparsevlm_{_average}",
-        Strategy(
-            name=f"sparsevlm_{_average}",
-            method="sparsevlm",
-            **{**SPARSEVLM, "keep": SPARSEVLM_BUDGETS[_average]},
-        ),
-    )
-# FasterVLM and pooling decide from the image alone, so they prune before the language model, as published.
-STRATEGIES.add(
-    "fastervlm",
-    Strategy(name="fastervlm", method="fastervlm", layer=0, options={"budget": "per_view"}),
-)
-STRATEGIES.add("pool", Strategy(name="pool", method="pool", layer=0))
-STRATEGIES.add(
-    "pool_average", Strategy(name="pool_average", method="pool", layer=0, options={"mode": "average"})
-)
-for _method, _settings in (("pdrop", PDROP), ("sparsevlm", {})):
-    for _form, _prior in (("linear", LINEAR), ("exponential", EXPONENTIAL)):
-        _name = f"pore_{_method}_{_form}"
-        STRATEGIES.add(_name, Strategy(name=_name, method=_method, prior=_prior, **_settings))
-
-# PoRe as its authors run it (intcomp/attention-bias, tag=after; docs/pore_presets.md): exponential weights
-# over the raster index at the first stage only, padding suppression with each method's threshold, and for
-# FastV the budget cut to the tokens that are not padding. The config files add a per-benchmark sigma table.
-_AUTHORS_PRIOR = {"name": "exponential", "position": "index", "suppress_padding": True}
-STRATEGIES.add(
-    "pore_authors_fastv",
-    Strategy(
-        name="pore_authors_fastv",
-        method="fastv",
-        layer=2,
-        keep=128,
-        ratio=None,
-        reweight="first",
-        prior=PriorConfig(
-            **_AUTHORS_PRIOR, pad_threshold=0.5, budget_from_unpadded=True, params={"sigma": 0.98}
-        ),
-    ),
-)
-STRATEGIES.add(
-    "pore_authors_pdrop",
-    Strategy(
-        name="pore_authors_pdrop",
-        method="pdrop",
-        layer=(2, 10, 20),
-        ratio=(0.32, 0.16, 0.08),
-        reweight="first",
-        prior=PriorConfig(**_AUTHORS_PRIOR, pad_threshold=0.01, params={"sigma": 1.915}),
-    ),
-)
-STRATEGIES.add(
-    "pore_authors_sparsevlm",
-    Strategy(
-        name="pore_authors_sparsevlm",
-        method="sparsevlm",
-        layer=(3, 7, 16),  # SparseVLM scores in layers 2 / 6 / 15 and prunes right after
-        keep=(303, 110, 36),  # the official v1 table for RETAINED_TOKENS=128
-        ratio=None,
-        reweight="first",
-        prior=PriorConfig(**_AUTHORS_PRIOR, pad_threshold=0.5, params={"sigma": 1.995}),
-    ),
-)
-
-
-def build_strategy(name: str, **overrides: Any) -> Strategy:
-    """A predefined strategy with some settings changed, e.g. `build_strategy("pore_linear", keep=64)`."""
-    return STRATEGIES.get(name).replace(**overrides)
+        if self.prior.suppress_padding and model.images_padded is False:
+            raise ValueError(
+                "prior.suppress_padding drops tokens of the pad-to-square border, but these images were not "
+                "padded to a square (the llava-hf processor resizes and centre-crops them: no border); use "
+                "protocol=llava (LLaVA-1.5's expand2square padding) or strategy.prior.suppress_padding=false"
+            )

@@ -1,8 +1,24 @@
-"""Model-family adapters, registered by name (importing this package registers the built-in ones)."""
+"""Model-family adapters, registered by name: each module of this package registers its adapters when
+imported (all of them are, here), so a new family is one file in this package (docs/extending.md).
+"""
 
-from pore.adapters import llava as _llava  # noqa: F401  (registers "llava")
-from pore.adapters import llava_next as _llava_next  # noqa: F401  (registers "llava_next", "llava_next_tile")
-from pore.adapters import qwen2_vl as _qwen2_vl  # noqa: F401  (registers "qwen2_vl")
-from pore.adapters.base import ADAPTERS, ModelAdapter, VisualLayout, adapter_for
+from pore.adapters.base import (
+    ADAPTERS,
+    ModelAdapter,
+    ModelFacts,
+    VisualLayout,
+    adapter_class_for_config,
+    adapter_for,
+)
+from pore.registry import import_submodules
 
-__all__ = ["ADAPTERS", "ModelAdapter", "VisualLayout", "adapter_for"]
+import_submodules(__name__, __path__)
+
+__all__ = [
+    "ADAPTERS",
+    "ModelAdapter",
+    "ModelFacts",
+    "VisualLayout",
+    "adapter_class_for_config",
+    "adapter_for",
+]

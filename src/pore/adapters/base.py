@@ -55,10 +55,29 @@ class VisualLayout:
         return shifted.max(dim=1).values if shifted.numel() else shifted.new_zeros(shifted.shape[0])
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What resolving a strategy needs to know about a model: read from its config alone (no weights), so
+    that a run can check its settings before the weights load (`ModelAdapter.facts`)."""
+
+    family: str  # the adapter's registered name
+    num_layers: int | None  # decoder layers of the language model
+    image_tokens: int | None = None  # prunable tokens per image when the count is fixed (LLaVA-1.5)
+    multimodal_rope: bool = False  # 3-D M-RoPE positions (Qwen2-VL): kept tokens keep their positions
+    pads_to_square: bool = False  # the family can encode images padded to a square (padding suppression)
+    images_padded: bool | None = None  # whether this run's preprocessing padded them (None: not known)
+
+
 class ModelAdapter(ABC):
     """Tells the engine where things are in one model family."""
 
     name: str
+    #: the transformers classes (multimodal wrapper and its `...ForConditionalGeneration`) of the family
+    classes: tuple[str, ...] = ()
+    #: the `model_type` of the family's configs (for checks before the weights load)
+    model_types: tuple[str, ...] = ()
+    #: whether `adapter_for` picks this adapter by the model's class (False: only by its registered name)
+    auto: bool = True
     #: whether the family can encode images padded to a square, one grid over the padded square (LLaVA-1.5);
     #: `prior.suppress_padding` needs it, and also that the run's preprocessing did pad (Pruner images_padded)
     pads_to_square: bool = False
@@ -67,9 +86,32 @@ class ModelAdapter(ABC):
     multimodal_rope: bool = False
 
     @classmethod
-    @abstractmethod
     def matches(cls, model: nn.Module) -> bool:
-        """Whether this adapter handles `model`."""
+        """Whether this adapter handles `model` (by its class name)."""
+        return cls.auto and type(model).__name__ in cls.classes
+
+    @classmethod
+    def matches_config(cls, config: Any) -> bool:
+        """Whether this adapter handles models of `config` (by its `model_type`)."""
+        return cls.auto and getattr(config, "model_type", None) in cls.model_types
+
+    @classmethod
+    def fixed_image_tokens(cls, config: Any) -> int | None:
+        """Prunable tokens per image when the family's count is fixed; None when it varies with the image."""
+        return None
+
+    @classmethod
+    def facts(cls, config: Any, images_padded: bool | None = None) -> ModelFacts:
+        """What a strategy is resolved against, from the model's config (`AutoConfig`: no weights)."""
+        layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+        return ModelFacts(
+            family=cls.name,
+            num_layers=None if layers is None else int(layers),
+            image_tokens=cls.fixed_image_tokens(config),
+            multimodal_rope=cls.multimodal_rope,
+            pads_to_square=cls.pads_to_square,
+            images_padded=images_padded,
+        )
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -140,4 +182,19 @@ def adapter_for(model: nn.Module, name: str | None = None) -> ModelAdapter:
             return adapter_cls(model)
     raise ValueError(
         f"no model adapter handles {type(model).__name__}; supported families: {', '.join(ADAPTERS.names())}"
+    )
+
+
+def adapter_class_for_config(config: Any, name: str | None = None) -> type[ModelAdapter]:
+    """The adapter class registered as `name`, or the one whose family has `config.model_type`."""
+    if name is not None:
+        return ADAPTERS.get(name)
+    for adapter_name in ADAPTERS:
+        adapter_cls = ADAPTERS.get(adapter_name)
+        if adapter_cls.matches_config(config):
+            return adapter_cls
+    model_type = getattr(config, "model_type", None)
+    raise ValueError(
+        f"no model adapter handles model_type {model_type!r}; supported families: "
+        f"{', '.join(ADAPTERS.names())}"
     )

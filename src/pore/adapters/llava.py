@@ -43,9 +43,15 @@ class LlavaAdapter(ModelAdapter):
     # passes that to the Pruner as `images_padded`.
     pads_to_square = True
 
+    classes = ("LlavaForConditionalGeneration", "LlavaModel")
+    model_types = ("llava",)
+
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ in ("LlavaForConditionalGeneration", "LlavaModel")
+    def fixed_image_tokens(cls, config: Any) -> int | None:
+        grid_h, grid_w = llava_grid_shape(
+            config
+        )  # one fixed grid per image; a [CLS] kept in front is not prunable
+        return grid_h * grid_w
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -88,9 +88,8 @@ class LlavaNextAdapter(ModelAdapter):
     name = "llava_next"
     default_frame: PositionFrame = "image"
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ in ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    model_types = ("llava_next",)
 
     def __init__(self, model: nn.Module, position_frame: PositionFrame | None = None) -> None:
         super().__init__(model)
@@ -400,7 +399,4 @@ class LlavaNextTileAdapter(LlavaNextAdapter):
 
     name = "llava_next_tile"
     default_frame: PositionFrame = "tile"
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return False
+    auto = False

@@ -50,9 +50,8 @@ class Qwen2VLAdapter(ModelAdapter):
     name = "qwen2_vl"
     multimodal_rope = True
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return type(model).__name__ in QWEN_VL_CLASSES
+    classes = QWEN_VL_CLASSES
+    model_types = ("qwen2_vl", "qwen2_5_vl")
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

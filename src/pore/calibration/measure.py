@@ -1,10 +1,10 @@
 """Measure a model's position bias: the last prompt token's attention over every image grid position.
 
 `Calibrator` runs the model unpruned (through `generate`, so the prefill is exactly the evaluation's) with
-the scoring attention wrapper of `pore.pruning.attention` on the decoder layers K - 1 of the requested
+the scoring attention wrapper of `pore.engine.tap` on the decoder layers K - 1 of the requested
 pruning layers K, and averages, per grid size ("bucket"), the attention of the last prompt token to each
 image token, normalised per image: the image's attention is divided by its sum over the image's tokens and
-multiplied by their number, so 1 means the uniform share (see `pore.calibration.priorfile`).
+multiplied by their number, so 1 means the uniform share (see `pore.priors.calibrated`).
 
 `RopeGravity` is the part of that bias that RoPE alone produces: the softmax attention between a query and
 keys that have the same direction and no content, so that the logit depends only on the rotary positions.
@@ -23,8 +23,8 @@ from torch import nn
 
 from pore.adapters import ModelAdapter, adapter_for
 from pore.calibration.fit import fit_forms
-from pore.calibration.priorfile import FORMAT, bucket_key
-from pore.pruning import attention as scoring
+from pore.engine import tap as scoring
+from pore.priors.calibrated import FORMAT, bucket_key
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +224,7 @@ class LayerCalibration:
         return sum(bucket.count for bucket in self.buckets.values())
 
     def to_prior(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
-        """The prior file's JSON (format `pore-prior/1`, see `pore.calibration.priorfile`)."""
+        """The prior file's JSON (format `pore-prior/1`, see `pore.priors.calibrated`)."""
         if not self.count:
             raise ValueError(f"layer {self.layer}: no image was measured (is the data empty?)")
         buckets, rows, cells, gravity_rows = {}, [], [], []

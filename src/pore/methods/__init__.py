@@ -1,12 +1,10 @@
-"""Pruning methods, registered by name (importing this package registers the built-in ones)."""
+"""Pruning methods, registered by name: each module of this package registers its method when imported (all
+of them are, here), so a new method is one file in this package, or in a plug-in folder (docs/extending.md).
+"""
 
-from pore.methods import fastervlm as _fastervlm  # noqa: F401
-from pore.methods import fastv as _fastv  # noqa: F401
-from pore.methods import none as _none  # noqa: F401
-from pore.methods import pdrop as _pdrop  # noqa: F401
-from pore.methods import pool as _pool  # noqa: F401
-from pore.methods import random_keep as _random_keep  # noqa: F401
-from pore.methods import sparsevlm as _sparsevlm  # noqa: F401
 from pore.methods.base import METHODS, PruningMethod, ScoringInputs
+from pore.registry import import_submodules
+
+import_submodules(__name__, __path__)
 
 __all__ = ["METHODS", "PruningMethod", "ScoringInputs"]

@@ -1,4 +1,5 @@
-"""The synthetic spatial benchmark shipped with the project (pore.spatial): scored by region and type."""
+"""The synthetic spatial benchmark shipped with the project (made by pore.testing.spatial): scored by region
+and question type."""
 
 from __future__ import annotations
 

@@ -1,0 +1,98 @@
+"""What the command-line entries share: the task wrapper (user errors as one line) and a check of the
+override keys before Hydra composes (a mistyped key gets the closest valid names).
+
+Hydra refuses `strategy.kep=5` with "Key 'kep' is not in struct" and a hint about `+`. `check_override_keys`
+reads the YAML files the overrides select (the config groups in conf/, no composition) and says instead:
+`unknown setting strategy.kep (did you mean strategy.keep?)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pore import presets
+from pore.errors import USER_ERROR_EXIT, UserError, did_you_mean, user_errors
+
+log = logging.getLogger("pore")
+
+
+def _composed_settings(conf_dir: Path, config_name: str, selections: list[str]) -> dict[str, Any]:
+    """The config `config_name` composed with the group selections only (`strategy=pdrop`, ...): every
+    setting the user may set, inherited ones included; interpolations left unresolved."""
+    from hydra import compose
+
+    from pore.presets import _hydra_on, register_resolvers
+
+    register_resolvers()
+    with _hydra_on((conf_dir, *presets.config_dirs()[1:])):
+        cfg = compose(config_name, overrides=[*selections, *presets.search_path_override()])
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def unknown_key_message(argv: Sequence[str], conf_dir: Path, config_name: str = "config") -> str | None:
+    """A one-line message for the first plain `a.b=value` override whose key the composed config lacks."""
+    tokens = [token for token in argv if not token.startswith("-") and "=" in token]
+    groups = {path.name for path in conf_dir.iterdir() if path.is_dir()}
+    keys = [token.split("=", 1)[0] for token in tokens]
+    selections = [token for token, key in zip(tokens, keys, strict=True) if key in groups or "@" in key]
+    if any("," in token for token in selections):
+        return None  # a sweep over groups (--multirun): Hydra composes and reports each job
+    root = _composed_settings(conf_dir, config_name, selections)
+    for key in keys:
+        if key.startswith(("+", "~", "hydra")) or key in groups or "/" in key or "@" in key:
+            continue
+        node: Any = root
+        walked: list[str] = []
+        for part in key.split("."):
+            if not isinstance(node, dict):
+                break
+            if part not in node:
+                where = ".".join(walked)
+                names = sorted(str(name) for name in node)
+                hint = did_you_mean(part, names, prefix=f"{where}." if where else "")
+                full = ".".join([*walked, part])
+                known = f"the settings of {where or 'the run'} are: {', '.join(names)}"
+                if not names:
+                    known = f"{where} has no settings"
+                return f"unknown setting {full}{hint}; {known} (to add a new key, write +{key}=...)"
+            node, walked = node[part], [*walked, part]
+    return None
+
+
+def check_override_keys(
+    conf_dir: Path, config_name: str = "config", argv: Sequence[str] | None = None
+) -> None:
+    """Exit with status 2 and one line when an override names a setting that does not exist."""
+    try:
+        message = unknown_key_message(sys.argv[1:] if argv is None else argv, conf_dir, config_name)
+    except Exception:  # a config this check cannot read: Hydra composes and reports as usual
+        return
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT)
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run a Hydra task: a `UserError` is one line on stderr and exit status 2 (in a --multirun, the job's
+    row in the summary table says it, and the sweep exits 2 after the table)."""
+    if not is_multirun():
+        with user_errors():
+            return task(cfg)
+    try:
+        return task(cfg)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return {"error": str(error)}

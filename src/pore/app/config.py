@@ -1,0 +1,205 @@
+"""Objects built from the Hydra config tree (`conf/`): strategy, benchmark, model, trainer, logger."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from pore import presets
+from pore.assets import portable
+from pore.data import BENCHMARKS, Benchmark, StreamSource
+from pore.data.protocol import Protocol
+from pore.strategy import Strategy
+
+# Settings that change what the model answers: a run folder is only resumed with the same values.
+RUN_IDENTITY = ("model", "data", "strategy", "protocol", "max_new_tokens")
+# Data settings that only change how fast rows are read, not which rows or answers.
+DATA_LOGISTICS = ("batch_size", "num_workers")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def run_digest(*nodes: Any) -> str:
+    """A 6-character digest of config nodes (ignoring data loader logistics), for default run folders.
+    Paths of shipped assets count by their place in the assets folder, not where the checkout is."""
+    plain = [portable(_plain(node)) for node in nodes]
+    for node in plain:
+        if isinstance(node, dict) and "benchmark" in node:
+            for key in DATA_LOGISTICS:
+                node.pop(key, None)
+    return hashlib.blake2b(json.dumps(plain, sort_keys=True, default=str).encode(), digest_size=3).hexdigest()
+
+
+def register_resolvers() -> None:
+    """The resolvers of the run configs: the library's (`${asset:...}`) and `${run_digest:...}`."""
+    presets.register_resolvers()
+    if not OmegaConf.has_resolver("run_digest"):
+        OmegaConf.register_new_resolver("run_digest", run_digest)
+
+
+def build_strategy(cfg: DictConfig) -> Strategy:
+    """The run's strategy as composed (`Strategy.resolve` fits it to the model). What is typed on the command
+    line is meant as typed: layers are this model's own (a preset's `reference_depth` does not scale them),
+    and a prior setting holds for every data set (a preset's `<key>_by_data` table does not replace it)."""
+    strategy = Strategy.from_mapping(_plain(cfg.strategy))
+    if _overridden("strategy.layer") and not _overridden("strategy.reference_depth"):
+        strategy = strategy.replace(layer=strategy.layer)
+    typed = {key for key in strategy.prior.params if _overridden(f"strategy.prior.{key}")}
+    if typed:
+        strategy = strategy.replace(prior={key: strategy.prior.params[key] for key in typed})
+    return strategy
+
+
+def _overridden(key: str) -> bool:
+    """Whether `key` was set on the command line (Hydra's task overrides) of this run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    keys = {str(token).split("=", 1)[0].lstrip("+~") for token in HydraConfig.get().overrides.task}
+    return key in keys
+
+
+def build_protocol(cfg: DictConfig) -> Protocol:
+    """The evaluation protocol (`conf/protocol/`); configs without a protocol group get `default`."""
+    return Protocol.from_mapping(_plain(cfg.get("protocol")) or {"name": "default"})
+
+
+def build_benchmark(cfg: DictConfig) -> tuple[Benchmark, StreamSource]:
+    data = cfg.data
+    protocol = build_protocol(cfg)
+    benchmark = BENCHMARKS.get(data.benchmark)(
+        columns=_plain(data.columns) or {},
+        protocol=protocol.name,
+        answer_rule=protocol.rule(str(data.benchmark)),
+        # The protocol's prompt options (textvqa: ocr) under the data's own (data.options wins).
+        **{**protocol.prompt_options(str(data.benchmark)), **(_plain(data.options) or {})},
+    )
+    limit = data.limit
+    if limit is not None and (int(limit) != limit or limit < 1):
+        raise ValueError(f"data.limit must be a positive integer or null, got {limit}")
+    return benchmark, StreamSource(
+        str(data.path), data.config, str(data.split), None if limit is None else int(limit)
+    )
+
+
+def uses_gpu(cfg: DictConfig) -> bool:
+    accelerator = str(cfg.trainer.accelerator)
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def model_dtype(cfg: DictConfig) -> torch.dtype:
+    name = str(cfg.model.dtype)
+    if name == "auto":
+        return torch.bfloat16 if uses_gpu(cfg) else torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(
+            f"model.dtype must be auto or a torch dtype name (bfloat16, float16, float32), got {name!r}"
+        )
+    return dtype
+
+
+def check_model_path(path: str) -> None:
+    """A local folder that exists, or something shaped like a hub id (owner/name)."""
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(
+            f"model.path {path!r} is not a local checkpoint folder nor a hub id (owner/name); "
+            "the embedded model lives in the repository's assets/ folder (or set PORE_ASSETS)"
+        )
+
+
+def load_model_and_processor(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = str(cfg.model.path)
+    check_model_path(path)
+    # Processor settings of the model config (e.g. Qwen's min_pixels / max_pixels); null = the protocol's
+    # for this checkpoint type (lmms-eval's Qwen pixel limits), else the checkpoint's own.
+    processor_options = {
+        key: value for key, value in (_plain(cfg.model.get("processor")) or {}).items() if value is not None
+    }
+    try:
+        protocol = build_protocol(cfg)
+        if protocol.processor:
+            from transformers import AutoConfig
+
+            processor_options = {
+                **protocol.processor_options(AutoConfig.from_pretrained(path).model_type),
+                **processor_options,
+            }
+        processor = AutoProcessor.from_pretrained(path, **processor_options)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=model_dtype(cfg), attn_implementation=str(cfg.model.attn_implementation)
+        )
+    except ImportError as error:
+        raise ImportError(
+            f"cannot build the processor of {path!r}: {error}. Qwen2-VL processors need torchvision in "
+            "transformers 5: pip install -e '.[qwen]'"
+        ) from error
+    except OSError as error:
+        raise FileNotFoundError(
+            f"cannot load model.path {path!r}: {error}. Without network access, point model.path at a local "
+            "checkpoint folder (save_pretrained / huggingface-cli download)"
+        ) from error
+    # Batched generation needs every prompt to end at the last position.
+    processor.tokenizer.padding_side = "left"
+    return model.eval(), processor
+
+
+def build_logger(cfg: DictConfig, output_dir: Path) -> Logger | bool:
+    logger = cfg.logger
+    kind = str(logger.kind)
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return CSVLogger(save_dir=str(output_dir), name="csv", version="")
+    if kind == "wandb":
+        name = logger.name or f"{cfg.model.name}/{cfg.data.name}/{cfg.strategy.name}"
+        return WandbLogger(
+            project=logger.project,
+            entity=logger.entity,
+            name=name,
+            group=logger.group,
+            tags=list(logger.tags or []),
+            save_dir=str(output_dir),
+            mode=str(logger.mode),
+        )
+    raise ValueError(f"unknown logger.kind {kind!r}; choose one of: csv, wandb, none")
+
+
+def build_trainer(cfg: DictConfig, logger: Logger | bool, callbacks: list[Any]) -> L.Trainer:
+    trainer = cfg.trainer
+    return L.Trainer(
+        accelerator=str(trainer.accelerator),
+        devices=trainer.devices,
+        strategy=trainer.strategy,
+        num_nodes=int(trainer.num_nodes),
+        logger=logger,
+        callbacks=callbacks,
+        use_distributed_sampler=False,  # the benchmark stream splits itself across ranks and workers
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
+def is_first_process() -> bool:
+    """Whether this is global rank 0, before the Trainer exists (launchers set these in other ranks)."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def share_cpu_threads(trainer: L.Trainer) -> None:
+    """Several CPU processes on one machine share its cores (else their OpenMP threads spin on each other)."""
+    if trainer.accelerator.__class__.__name__ == "CPUAccelerator" and trainer.num_devices > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))

@@ -1,0 +1,171 @@
+"""One evaluation run: config -> model, pruning strategy, benchmark stream -> predictions, metrics, logs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from pore.adapters import adapter_for
+from pore.app import config as build
+from pore.app.evaluation import LiveMetricProgressBar, PredictionWriter, VLMEvaluator
+from pore.app.evaluation import predictions as prediction_files
+from pore.app.evaluation.datamodule import BenchmarkDataModule
+from pore.app.evaluation.lock import RunLock
+from pore.app.evaluation.report import FinalMetrics, summary_table
+from pore.app.preflight import RunPlan, preflight
+from pore.data.protocol import processor_pads
+from pore.errors import UserError
+from pore.strategy import Strategy
+
+log = logging.getLogger("pore")
+IDENTITY = "identity.json"
+
+
+class SettingsMismatchError(UserError):
+    """The output folder holds a run with other settings: resuming into it would mix two experiments."""
+
+
+def _identity(node: Any, key: str) -> Any:
+    """The answer-changing settings under `key`, comparable across checkouts (asset paths relative)."""
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if isinstance(plain, dict) and key == "data":
+        plain = {name: value for name, value in plain.items() if name not in build.DATA_LOGISTICS}
+    return build.portable(plain)
+
+
+def differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """`dotted.key: old -> new` for every leaf that differs (a key missing on one side shows as <unset>)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        lines = []
+        for key in sorted(set(old) | set(new), key=str):
+            missing = "<unset>"
+            lines += differences(old.get(key, missing), new.get(key, missing), f"{prefix}.{key}")
+        return lines
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that change the answers, portable (asset paths relative) and as JSON reads them."""
+    return json.loads(json.dumps({key: _identity(cfg.get(key), key) for key in build.RUN_IDENTITY}))
+
+
+def write_run_config(cfg: DictConfig, output_dir: Path, strategy: Strategy) -> None:
+    """config.yaml (the resolved config, for people), identity.json (what a resume is checked against: the
+    same in a moved checkout) and strategy.json (the strategy the engine runs, resolved for the model)."""
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (output_dir / IDENTITY).write_text(json.dumps(run_identity(cfg), indent=1, sort_keys=True) + "\n")
+    ran = build.portable(dataclasses.asdict(strategy))
+    (output_dir / prediction_files.STRATEGY_FILE).write_text(json.dumps(ran, indent=1, default=str) + "\n")
+
+
+def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
+    """Refuse to resume a folder whose answered questions came from other settings.
+
+    A folder without any answered question is free: its stored config (e.g. of a run that failed on a bad
+    setting) is simply replaced."""
+    identity_path, saved_path = output_dir / IDENTITY, output_dir / "config.yaml"
+    if not (identity_path.exists() or saved_path.exists()) or not prediction_files.done_ids(output_dir):
+        return
+    if identity_path.exists():
+        saved = json.loads(identity_path.read_text())
+    else:  # a folder written before identity.json existed
+        saved = run_identity(OmegaConf.load(saved_path))
+    ours = run_identity(cfg)
+    changed = []
+    for key in build.RUN_IDENTITY:
+        changed += differences(saved.get(key), ours.get(key), key)
+    if changed:
+        raise SettingsMismatchError(
+            f"{output_dir} holds a run with other settings ({'; '.join(changed)}); "
+            "choose another output_dir, or delete that folder to start over"
+        )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run the evaluation; returns the final metrics on global rank 0 (None on other ranks).
+
+    Everything checkable without the weights is checked first (`pore.app.preflight`); then global rank 0 takes
+    the folder's lock (one writer per folder) for the whole run."""
+    plan = preflight(cfg)
+    output_dir = Path(str(cfg.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(output_dir) if build.is_first_process() else contextlib.nullcontext()
+    with lock:
+        return _evaluate(cfg, plan, output_dir)
+
+
+def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> dict[str, Any] | None:
+    strategy, benchmark, source = plan.strategy, plan.benchmark, plan.source
+    check_resumable(cfg, output_dir)
+    if build.is_first_process():
+        write_run_config(cfg, output_dir, strategy)
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    model, processor = build.load_model_and_processor(cfg)
+    protocol = build.build_protocol(cfg)
+    # What the protocol does for this model family and benchmark (pore.data.protocol).
+    family = adapter_for(model, cfg.model.adapter).name
+    pad_to_square = protocol.pads(benchmark.name, family)
+    images_padded = pad_to_square or processor_pads(processor.image_processor)
+    max_new_tokens = (
+        protocol.tokens(benchmark.name) if cfg.max_new_tokens is None else int(cfg.max_new_tokens)
+    )
+    module = VLMEvaluator(
+        model,
+        processor,
+        strategy,
+        benchmark,
+        max_new_tokens=max_new_tokens,
+        adapter=cfg.model.adapter,
+        images_padded=images_padded,
+    )
+    skip = prediction_files.done_ids(output_dir)
+    datamodule = BenchmarkDataModule(
+        benchmark,
+        source,
+        processor,
+        int(cfg.data.batch_size),
+        int(cfg.data.num_workers),
+        skip_ids=skip,
+        conversation=protocol.conversation_for(family),
+        pad_to_square=pad_to_square,
+    )
+    if skip:
+        log.info("resuming in %s: %d questions already answered are skipped", output_dir, len(skip))
+
+    logger = build.build_logger(cfg, output_dir)
+    figures = None
+    if strategy.prunes:
+        # Kept tokens by row / by cell and a few sample pictures in <output_dir>/figures (pore.app.viz).
+        def figures(rows: list[dict[str, Any]]) -> dict[str, Path]:
+            from pore.app.viz import run_figures
+
+            return run_figures(cfg, output_dir, rows, processor, dataclasses.asdict(strategy))
+
+    progress = LiveMetricProgressBar(plan.questions, len(skip), int(cfg.data.batch_size))
+    final = FinalMetrics(benchmark, str(cfg.data.name), output_dir, figures)
+    trainer = build.build_trainer(cfg, logger, [PredictionWriter(output_dir), final, progress])
+    build.share_cpu_threads(trainer)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    if not trainer.is_global_zero:
+        return None
+    if cfg.logger.kind == "wandb":
+        import wandb
+
+        wandb.finish()
+    title = f"{cfg.model.name} | {cfg.data.name} | {strategy.name} | protocol {protocol.name} "
+    title += f"({strategy.method}, prior {strategy.prior.name})"
+    print(summary_table(final.metrics, title))
+    print(f"predictions, metrics and config in {output_dir}")
+    if final.figure_paths:
+        print(f"pictures in {output_dir / 'figures'}: {', '.join(sorted(final.figure_paths))}")
+    return final.metrics
