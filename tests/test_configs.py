@@ -8,7 +8,6 @@ the middle of a GPU run. No data and no model are read.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 
 # Nothing may be fetched from a hub: switched off before `datasets` is imported.
@@ -75,7 +74,9 @@ def compose() -> Iterator[Compose]:
 def _holds(composed: object, own: object) -> bool:
     """Whether `composed` has every setting of `own` at its value (mappings compared key by key)."""
     if isinstance(own, dict):
-        return isinstance(composed, dict) and all(k in composed and _holds(composed[k], v) for k, v in own.items())
+        return isinstance(composed, dict) and all(
+            k in composed and _holds(composed[k], v) for k, v in own.items()
+        )
     return composed == own
 
 

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import pore

@@ -77,10 +77,13 @@ def test_every_preset_runs_through_the_python_api_on_the_embedded_model(embedded
         assert "\n" not in str(refused.value)
         strategy = build_strategy(name, **settings)
     images = [Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (40, 40), (30, 30, 200))]
-    prompts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
-        add_generation_prompt=True,
-    ) for text in ("what colour is the shape?", "where is the blue square?")]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            add_generation_prompt=True,
+        )
+        for text in ("what colour is the shape?", "where is the blue square?")
+    ]
     inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
     with torch.no_grad(), Pruner(model, strategy, images_padded=True) as pruner:
         pruner.set_image_sizes([[(48, 64)], [(40, 40)]])
@@ -106,8 +109,11 @@ def test_a_preset_is_its_files_composed() -> None:
     """pore_linear = strategy/fastv (= strategy/none + method/fastv) + prior/linear, deltas only."""
     linear = build_strategy("pore_linear")
     assert linear == Strategy.from_mapping(
-        {**presets.compose_preset("strategy", "fastv"), "name": "pore_linear",
-         "prior": presets.compose_preset("prior", "linear")}
+        {
+            **presets.compose_preset("strategy", "fastv"),
+            "name": "pore_linear",
+            "prior": presets.compose_preset("prior", "linear"),
+        }
     )
     assert (linear.method, linear.layer, linear.ratio, linear.prior.name) == ("fastv", 2, 0.25, "linear")
     assert linear.prior.hyperparameters() == {"alpha": 0.6}

@@ -29,6 +29,10 @@ from pore.errors import UserError, user_errors
 CALIBRATION = REPO / "assets" / "calibration" / "tiny_llava" / "spatial" / "layer2.json"
 
 
+def llava_facts(layers: int) -> ModelFacts:
+    return ModelFacts("llava", layers, pads_to_square=True)
+
+
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_vqa_parquet(tmp_path_factory.mktemp("data") / "vqa", samples=12)
@@ -157,15 +161,15 @@ def test_only_user_errors_are_shortened(capsys: pytest.CaptureFixture[str]) -> N
 def test_pyramiddrop_presets_scale_their_stages_to_the_model_depth() -> None:
     pdrop = build_strategy("pdrop")
     assert pdrop.layers == (8, 16, 24) and pdrop.reference_depth == 32
-    assert pdrop.resolve(ModelFacts("llava", 32, pads_to_square=True)).layers == (8, 16, 24)
-    assert pdrop.resolve(ModelFacts("llava", 40, pads_to_square=True)).layers == (10, 20, 30)
-    assert pdrop.resolve(ModelFacts("llava", 28, pads_to_square=True)).layers == (7, 14, 21)
-    assert build_strategy("pore_pdrop_linear").resolve(ModelFacts("llava", 4, pads_to_square=True)).layers == (1, 2, 3)
-    assert pdrop.replace(reference_depth=None).resolve(ModelFacts("llava", 40, pads_to_square=True)).layers == (8, 16, 24)
+    assert pdrop.resolve(llava_facts(32)).layers == (8, 16, 24)
+    assert pdrop.resolve(llava_facts(40)).layers == (10, 20, 30)
+    assert pdrop.resolve(llava_facts(28)).layers == (7, 14, 21)
+    assert build_strategy("pore_pdrop_linear").resolve(llava_facts(4)).layers == (1, 2, 3)
+    assert pdrop.replace(reference_depth=None).resolve(llava_facts(40)).layers == (8, 16, 24)
     # Layers given for a model (Python, or strategy.layer on the command line) are that model's own.
-    assert build_strategy("pdrop", layer=[1, 2, 3]).resolve(ModelFacts("llava", 4, pads_to_square=True)).layers == (1, 2, 3)
+    assert build_strategy("pdrop", layer=[1, 2, 3]).resolve(llava_facts(4)).layers == (1, 2, 3)
     with pytest.raises(ValueError) as caught:
-        pdrop.resolve(ModelFacts("llava", 3, pads_to_square=True))
+        pdrop.resolve(llava_facts(3))
     assert str(caught.value) == (
         "strategy.layer=[8, 16, 24] (written for a 32-layer language model) does not scale to this 3-layer "
         "model (it gives [1, 2, 2]); set increasing layers in [1, 2], this model has room for at most 2 "
