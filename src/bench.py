@@ -12,28 +12,8 @@ the settings (one line, before the model is built).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig
-
-from pore.app.bench.main import CellsFailed, register_resolvers, run_from_config
-from pore.errors import user_errors
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-register_resolvers()
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="bench", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        with user_errors():
-            run_from_config(cfg)
-    except CellsFailed as failure:
-        print(f"error: {failure}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-
+from pore.app.bench.main import bench
+from pore.app.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(bench, "bench")

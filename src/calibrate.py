@@ -8,23 +8,8 @@ python src/calibrate.py --help                                   # every config 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig
-
 from pore.app.calibrate import calibrate
-from pore.app.config import register_resolvers
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-register_resolvers()
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="calibrate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    calibrate(cfg)
-
+from pore.app.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(calibrate, "calibrate")

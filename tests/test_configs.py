@@ -30,10 +30,9 @@ from pore.app.config import (
     build_benchmark,
     build_strategy,
     model_dtype,
-    register_resolvers,
-    run_digest,
 )
 from pore.app.evaluate import SettingsMismatchError, check_resumable, write_run_config
+from pore.app.identity import register_resolvers, run_digest
 from pore.assets import portable
 from pore.data import BENCHMARKS, StreamSource
 from pore.methods import METHODS

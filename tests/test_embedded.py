@@ -12,8 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pipeline_fixtures import OFFLINE_ENV, REPO, RUN
-from pore.app.config import register_resolvers
 from pore.app.evaluate import evaluate
+from pore.app.identity import register_resolvers
 
 SPLIT = 400  # the whole shipped test split: 100 questions of each type, top and bottom alike
 

@@ -24,7 +24,7 @@ from conftest import GRID, IMAGE_TOKEN, TOKENS_PER_IMAGE, build_tiny_llava, left
 from pore import Pruner, build_strategy
 from pore.adapters import ModelFacts
 from pore.app.config import build_strategy as strategy_from_config
-from pore.app.config import register_resolvers
+from pore.app.identity import register_resolvers
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PROMPTS = [make_prompt([1, 5, 6], 1, [7, 8, 9, 10]), make_prompt([1, 11], 1, [12, 13, 14, 15, 16, 17])]

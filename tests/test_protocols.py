@@ -32,8 +32,9 @@ from benchmark_tables import image_cell, vqav2_row, write_table
 from conftest import build_tiny_llava
 from pipeline_fixtures import run_cli
 from pore import build_strategy
-from pore.app.config import build_benchmark, build_protocol, register_resolvers
+from pore.app.config import build_benchmark, build_protocol
 from pore.app.evaluation import predictions
+from pore.app.identity import register_resolvers
 from pore.assets import asset_path
 from pore.data import Benchmark, PromptCollator, Sample
 from pore.data.loading import open_stream

@@ -338,7 +338,7 @@ def test_only_result_changing_settings_make_another_sweep() -> None:
     assert identity(spec, ["data.limit=200"]) != base
     assert identity(apply_overrides(spec, ["strategy.keep=32"])[0], ["data.limit=100"]) != base
 
-    from pore.app.config import DATA_LOGISTICS
+    from pore.app.identity import DATA_LOGISTICS
 
     assert {f"data.{key}" for key in DATA_LOGISTICS} == set(LOGISTICS)
 

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipeline_fixtures import OFFLINE_ENV, REPO
-from pore.app.config import register_resolvers
 from pore.app.evaluate import evaluate
+from pore.app.identity import register_resolvers
 from pore.app.viz import run_figures
 from pore.app.viz.figures import (
     BY_ROW_SIZE,

@@ -39,6 +39,12 @@ def add_config_dir(path: str | Path) -> None:
         _compose.cache_clear()
 
 
+def remove_config_dir(path: str | Path) -> None:
+    """Stop searching `path` (added by `add_config_dir`)."""
+    _EXTRA_DIRS.remove(Path(path).resolve())
+    _compose.cache_clear()
+
+
 def search_path_override() -> list[str]:
     """The Hydra override that adds the plug-in config folders to a program's search path ([] if none)."""
     if not _EXTRA_DIRS:
@@ -61,7 +67,7 @@ def names(group: str = "strategy") -> list[str]:
 
 
 @contextlib.contextmanager
-def _hydra_on(folders: tuple[Path, ...]) -> Iterator[None]:
+def hydra_on(folders: tuple[Path, ...]) -> Iterator[None]:
     """Hydra initialised on `folders` for the block, leaving any running Hydra app (run.py, bench.py, a
     sweep) exactly as it was: its global state is set aside and put back."""
     from hydra import initialize_config_dir
@@ -85,7 +91,7 @@ def _compose(group: str, name: str, folders: tuple[Path, ...]) -> dict[str, Any]
 
     register_resolvers()
     extra = [f"hydra.searchpath=[{','.join(f'file://{f}' for f in folders[1:])}]"] if folders[1:] else []
-    with _hydra_on(folders):
+    with hydra_on(folders):
         try:
             config = compose(config_name=None, overrides=[f"+{group}={name}", *extra])
         except MissingConfigException:

@@ -37,6 +37,10 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> T:
         return self.register(name)(obj)
 
+    def unregister(self, name: str) -> T:
+        """Remove `name` (a plug-in unloaded, a test cleaning up); returns what was registered."""
+        return self._entries.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]

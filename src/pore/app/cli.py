@@ -1,9 +1,9 @@
-"""What the command-line entries share: the task wrapper (user errors as one line) and a check of the
-override keys before Hydra composes (a mistyped key gets the closest valid names).
+"""What the Hydra programs (src/run.py, src/calibrate.py, src/bench.py) share, from command line to task.
 
-Hydra refuses `strategy.kep=5` with "Key 'kep' is not in struct" and a hint about `+`. `check_override_keys`
-reads the YAML files the overrides select (the config groups in conf/, no composition) and says instead:
-`unknown setting strategy.kep (did you mean strategy.keep?)`.
+`main(task, config_name)` is a whole program: it loads the plug-in folders (`plugins=...`, $PORE_PLUGINS) so
+that their presets compose, checks the override keys before Hydra composes (a mistyped key gets the closest
+valid names: Hydra would say "Key 'kep' is not in struct" and suggest `+`), then runs the task under
+`@hydra.main` with user errors as one line and exit status 2. Tests call it in process with an argv.
 """
 
 from __future__ import annotations
@@ -16,10 +16,60 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pore import presets
+from pore import plugins, presets
+from pore.app import identity
 from pore.errors import USER_ERROR_EXIT, UserError, did_you_mean, user_errors
 
 log = logging.getLogger("pore")
+
+
+CONFIG_DIR = presets.CONFIG_DIR
+PLUGINS_KEY = "plugins"
+
+
+def main(
+    task: Callable[[DictConfig], Any], config_name: str, argv: Sequence[str] | None = None, program: str = ""
+) -> None:
+    """Run `task` on conf/<config_name>.yaml composed with the command line `argv` (default: sys.argv)."""
+    import hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    identity.register_resolvers()
+    with user_errors():
+        argv = load_plugins(argv)
+    check_override_keys(CONFIG_DIR, config_name, argv)
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
+    def hydra_main(cfg: DictConfig) -> Any:
+        return run_task(task, cfg)
+
+    saved, sys.argv = sys.argv, [program or sys.argv[0], *argv]
+    try:
+        hydra_main()
+    finally:
+        sys.argv = saved
+
+
+def load_plugins(argv: list[str]) -> list[str]:
+    """Load the plug-in folders of `plugins=<folder>` / `plugins=[<a>,<b>]` and $PORE_PLUGINS; returns the
+    command line with their conf/ folders added to Hydra's search path."""
+    folders = plugins.folders_from_environment()
+    for token in argv:
+        key, _, value = token.partition("=")
+        if key.lstrip("+") == PLUGINS_KEY and value:
+            folders += [item.strip() for item in value.strip("[]").split(",") if item.strip()]
+    try:
+        for folder in folders:
+            plugins.load(folder)
+    except plugins.PluginError as error:
+        raise UserError(str(error)) from None
+    added = [f"file://{folder}" for folder in presets.config_dirs()[1:]]
+    if not added:
+        return argv
+    given = [token for token in argv if token.startswith("hydra.searchpath=")]
+    entries = [entry for token in given for entry in token.split("=", 1)[1].strip("[]").split(",") if entry]
+    kept = [token for token in argv if token not in given]
+    return [*kept, f"hydra.searchpath=[{','.join([*entries, *added])}]"]
 
 
 def _composed_settings(conf_dir: Path, config_name: str, selections: list[str]) -> dict[str, Any]:
@@ -27,10 +77,8 @@ def _composed_settings(conf_dir: Path, config_name: str, selections: list[str]) 
     setting the user may set, inherited ones included; interpolations left unresolved."""
     from hydra import compose
 
-    from pore.presets import _hydra_on, register_resolvers
-
-    register_resolvers()
-    with _hydra_on((conf_dir, *presets.config_dirs()[1:])):
+    presets.register_resolvers()
+    with presets.hydra_on((conf_dir, *presets.config_dirs()[1:])):
         cfg = compose(config_name, overrides=[*selections, *presets.search_path_override()])
     return OmegaConf.to_container(cfg, resolve=False)
 
@@ -45,7 +93,7 @@ def unknown_key_message(argv: Sequence[str], conf_dir: Path, config_name: str = 
         return None  # a sweep over groups (--multirun): Hydra composes and reports each job
     root = _composed_settings(conf_dir, config_name, selections)
     for key in keys:
-        if key.startswith(("+", "~", "hydra")) or key in groups or "/" in key or "@" in key:
+        if key.startswith(("+", "~", "hydra", PLUGINS_KEY)) or key in groups or "/" in key or "@" in key:
             continue
         node: Any = root
         walked: list[str] = []

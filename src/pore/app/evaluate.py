@@ -14,12 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from pore.adapters import adapter_for
 from pore.app import config as build
+from pore.app import identity
 from pore.app.evaluation import LiveMetricProgressBar, PredictionWriter, VLMEvaluator
 from pore.app.evaluation import predictions as prediction_files
 from pore.app.evaluation.datamodule import BenchmarkDataModule
 from pore.app.evaluation.lock import RunLock
 from pore.app.evaluation.report import FinalMetrics, summary_table
 from pore.app.preflight import RunPlan, preflight
+from pore.assets import portable
 from pore.data.protocol import processor_pads
 from pore.errors import UserError
 from pore.strategy import Strategy
@@ -36,8 +38,8 @@ def _identity(node: Any, key: str) -> Any:
     """The answer-changing settings under `key`, comparable across checkouts (asset paths relative)."""
     plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     if isinstance(plain, dict) and key == "data":
-        plain = {name: value for name, value in plain.items() if name not in build.DATA_LOGISTICS}
-    return build.portable(plain)
+        plain = {name: value for name, value in plain.items() if name not in identity.DATA_LOGISTICS}
+    return portable(plain)
 
 
 def differences(old: Any, new: Any, prefix: str) -> list[str]:
@@ -53,7 +55,7 @@ def differences(old: Any, new: Any, prefix: str) -> list[str]:
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """The settings that change the answers, portable (asset paths relative) and as JSON reads them."""
-    return json.loads(json.dumps({key: _identity(cfg.get(key), key) for key in build.RUN_IDENTITY}))
+    return json.loads(json.dumps({key: _identity(cfg.get(key), key) for key in identity.RUN_IDENTITY}))
 
 
 def write_run_config(cfg: DictConfig, output_dir: Path, strategy: Strategy) -> None:
@@ -61,7 +63,7 @@ def write_run_config(cfg: DictConfig, output_dir: Path, strategy: Strategy) -> N
     same in a moved checkout) and strategy.json (the strategy the engine runs, resolved for the model)."""
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (output_dir / IDENTITY).write_text(json.dumps(run_identity(cfg), indent=1, sort_keys=True) + "\n")
-    ran = build.portable(dataclasses.asdict(strategy))
+    ran = portable(dataclasses.asdict(strategy))
     (output_dir / prediction_files.STRATEGY_FILE).write_text(json.dumps(ran, indent=1, default=str) + "\n")
 
 
@@ -79,7 +81,7 @@ def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
         saved = run_identity(OmegaConf.load(saved_path))
     ours = run_identity(cfg)
     changed = []
-    for key in build.RUN_IDENTITY:
+    for key in identity.RUN_IDENTITY:
         changed += differences(saved.get(key), ours.get(key), key)
     if changed:
         raise SettingsMismatchError(

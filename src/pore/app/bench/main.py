@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pore import UnknownNameError, adapter_class_for_config, build_strategy, presets
+from pore import UnknownNameError, adapter_class_for_config, build_strategy
 from pore.app.bench.architecture import Architecture, resolve_architecture
 from pore.app.bench.report import build_report, render, write_report
 from pore.app.bench.runner import Runner
@@ -19,11 +20,6 @@ from pore.app.bench.workload import image_geometry
 from pore.errors import UserError
 
 log = logging.getLogger("pore.app.bench")
-
-
-def register_resolvers() -> None:
-    """The resolvers that conf/model/*.yaml use (`${asset:...}`)."""
-    presets.register_resolvers()
 
 
 def default_output(architecture: str, device: str) -> str:
@@ -116,3 +112,13 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
             f"the rest of {json_path} is valid):\n" + "\n".join(f"  {line}" for line in failed)
         )
     return report
+
+
+def bench(cfg: DictConfig) -> None:
+    """The program `python src/bench.py`: a failed setting is listed and the command exits 1 (user errors
+    exit 2, through `pore.app.cli.main`)."""
+    try:
+        run_from_config(cfg)
+    except CellsFailed as failure:
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

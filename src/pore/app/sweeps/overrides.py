@@ -17,9 +17,9 @@ from pore.app.sweeps.spec import Parameter, SweepSpec, SweepSpecError, parse_par
 # key=value, +key=value, ++key=value, ~key[=value]: Hydra's override forms.
 OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[A-Za-z_][\w.\-/@]*)(?:=(?P<value>.*))?$", re.DOTALL)
 
-# Overrides that change how fast a run goes or where it logs, not its answers (pore.app.config.DATA_LOGISTICS
-# for data; the trainer; the logger): left out of a sweep's identity, so a sweep resumes on a machine with
-# another number of GPUs, another batch size or another logger.
+# Overrides that change how fast a run goes or where it logs, not its answers
+# (pore.app.identity.DATA_LOGISTICS for data; the trainer; the logger): left out of a sweep's identity, so a
+# sweep resumes on a machine with another number of GPUs, another batch size or another logger.
 LOGISTICS = ("data.batch_size", "data.num_workers")
 LOGISTICS_GROUPS = ("trainer", "logger", "hydra")
 

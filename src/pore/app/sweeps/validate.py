@@ -26,7 +26,8 @@ def composer(config_dir: Path) -> Iterator[Callable[[list[str]], DictConfig]]:
     """`check(overrides)` -> the composed, validated config; raises with Hydra's or the strategy's message."""
     import hydra
 
-    from pore.app.config import build_benchmark, build_strategy, register_resolvers
+    from pore.app.config import build_benchmark, build_strategy
+    from pore.app.identity import register_resolvers
 
     register_resolvers()
 
