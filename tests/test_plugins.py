@@ -19,7 +19,7 @@ from pore.methods import METHODS
 from pore.priors import PRIORS
 
 METHOD = '''
-"""Keep the leftmost columns: score = grid width - column (no attention needed, so it prunes before the LLM)."""
+"""Keep the leftmost columns: score = grid width - column (no attention needed: it prunes before the LLM)."""
 
 import torch
 
