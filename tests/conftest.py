@@ -1,12 +1,35 @@
-"""Tiny random LLaVA models built from configs (real transformers classes, nothing downloaded)."""
+"""Tiny random LLaVA models built from configs (real transformers classes, nothing downloaded).
+
+Also the test session's environment: nothing is fetched from a hub (set before any test module imports
+`datasets` or `huggingface_hub`), W&B logs offline, and each test process computes with one thread.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
 
-import pytest
-import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from collections.abc import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+# One thread per test process, as the subprocess runs have (OMP_NUM_THREADS=1): the workers of pytest-xdist
+# and the programs the tests launch share a few cores, and spinning OpenMP threads slow each other down.
+torch.set_num_threads(1)
 
 IMAGE_TOKEN = 100
 PAD_TOKEN = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -60,6 +61,40 @@ def write_vqa_parquet(folder: Path, samples: int, corrupt: tuple[int, ...] = (),
         part = table.shard(num_shards=shards, index=shard, contiguous=True)
         part.to_parquet(str(folder / f"test-{shard:05d}-of-{shards:05d}.parquet"))
     return folder
+
+
+def run_program(
+    *argv: str, program: str = "run", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python src/<program>.py <argv>` in this process: the same entry (`pore.app.cli.main`) with the same
+    task and config, its exit status, stdout and stderr. Most tests of the programs run this way (a fresh
+    interpreter per run costs seconds of imports); `run_cli` runs the real subprocess where a test needs one
+    (several processes, a kill, a lock held by another process, the smoke test)."""
+    from pore.app.cli import main
+
+    if program == "run":
+        from pore.app.evaluate import evaluate as task
+    elif program == "calibrate":
+        from pore.app.calibrate import calibrate as task
+    else:
+        from pore.app.bench.main import bench as task
+    config = {"run": "config", "calibrate": "calibrate", "bench": "bench"}[program]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    saved_env = dict(os.environ)
+    os.environ.update({**OFFLINE_ENV, **(env or {})})
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main(task, config, list(argv), program=str(REPO / "src" / f"{program}.py"))
+    except SystemExit as exit:
+        code = exit.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(
+        ["src/" + program + ".py", *argv], returncode, stdout.getvalue(), stderr.getvalue()
+    )
 
 
 def run_cli(

@@ -4,14 +4,12 @@ and an end-to-end run on a tiny model that writes every setting. CPU only, no ne
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline_fixtures import run_program
 from pore import Pruner, build_strategy
 from pore.app.bench import (
     Architecture,
@@ -289,8 +287,6 @@ def test_bench_command_runs_end_to_end_and_writes_every_setting(tmp_path) -> Non
     """`python src/bench.py` on the shipped tiny checkpoint: one repeat of everything, JSON + table."""
     output = tmp_path / "bench.json"
     command = [
-        sys.executable,
-        str(ROOT / "src" / "bench.py"),
         "model=tiny_llava",
         "bench.batch_sizes=[1,2]",
         "bench.budgets=[64,16,8]",
@@ -305,12 +301,10 @@ def test_bench_command_runs_end_to_end_and_writes_every_setting(tmp_path) -> Non
         "bench.targets.budget=8",
         f"bench.output={output}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = run_program(*command, program="bench")  # src/bench.py, in process
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(output.read_text())
-    assert report["schema"] == "pore.app.bench/1" and report["device"] == "cpu"
+    assert report["schema"] == "pore.bench/1" and report["device"] == "cpu"
     assert report["clock"] == "process"  # one torch thread: CPU time, immune to other jobs on the machine
     assert report["environment"]["torch"] == torch.__version__
     assert report["model"]["name"] == "tiny-llava" and report["model"]["parameters"] > 0

@@ -69,8 +69,10 @@ def test_random_pruning_to_an_eighth_costs_accuracy(tmp_path: Path) -> None:
     assert pruned["spatial/acc"] <= unpruned["spatial/acc"] - 0.1
 
 
+@pytest.mark.slow
 def test_no_argument_run(tmp_path: Path) -> None:
-    """`python src/run.py` with nothing else: the embedded model, benchmark and default strategy."""
+    """`python src/run.py` with nothing else, in a fresh interpreter (the smoke test of the real program):
+    the embedded model, benchmark and default strategy."""
     result = subprocess.run(
         [sys.executable, str(RUN)],
         cwd=tmp_path,

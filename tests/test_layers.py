@@ -117,9 +117,6 @@ def test_a_cycle_is_found_when_there_is_one() -> None:
 def test_import_pore_loads_neither_lightning_nor_hydra() -> None:
     """The library alone: a fresh interpreter that imports `pore` has none of the application's stack."""
     heavy = ("lightning", "hydra", "omegaconf", "wandb", "datasets", "optuna", "matplotlib")
-    code = (
-        "import sys, pore; "
-        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(heavy)!r}))"
-    )
+    code = f"import sys, pore; print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(heavy)!r}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", f"import pore loads {result.stdout.strip()}"

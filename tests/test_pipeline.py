@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_fixtures import OFFLINE_ENV, REPO, RUN, run_cli, write_vqa_parquet
+from pipeline_fixtures import OFFLINE_ENV, REPO, RUN, run_cli, run_program, write_vqa_parquet
 from pore.testing.tiny_llava import build_tiny_checkpoint
 
 
@@ -49,7 +49,7 @@ def test_cli_run_writes_predictions_metrics_and_config(
     checkpoint: Path, benchmark: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    result = run_cli(*common(checkpoint, benchmark, out), "strategy=pore_linear")
+    result = run_program(*common(checkpoint, benchmark, out), "strategy=pore_linear")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = rows_of(out)
     assert sorted(int(r["question_id"]) for r in rows) == list(range(24))
@@ -74,7 +74,7 @@ def test_cli_run_writes_predictions_metrics_and_config(
 
 def test_unpruned_run_reports_null_kept_indices(checkpoint: Path, benchmark: Path, tmp_path: Path) -> None:
     out = tmp_path / "none"
-    result = run_cli(*common(checkpoint, benchmark, out), "strategy=none", "data.limit=6", "logger=none")
+    result = run_program(*common(checkpoint, benchmark, out), "strategy=none", "data.limit=6", "logger=none")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in rows_of(out) if r["error"] is None]
     assert len(rows) == 5 and all(
@@ -82,11 +82,12 @@ def test_unpruned_run_reports_null_kept_indices(checkpoint: Path, benchmark: Pat
     )
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_equals_one_process(
     checkpoint: Path, benchmark: Path, tmp_path: Path
 ) -> None:
     single, double = tmp_path / "single", tmp_path / "ddp"
-    first = run_cli(*common(checkpoint, benchmark, single), "strategy=fastv", "logger=none")
+    first = run_program(*common(checkpoint, benchmark, single), "strategy=fastv", "logger=none")
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_cli(
         *common(checkpoint, benchmark, double),
@@ -108,6 +109,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process(
     assert not list(double.glob("predictions.rank*.jsonl"))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_with_every_sample_once(checkpoint: Path, tmp_path: Path) -> None:
     data = write_vqa_parquet(tmp_path / "big", samples=120)
     out = tmp_path / "resumed"
@@ -140,7 +142,7 @@ def test_interrupted_run_resumes_with_every_sample_once(checkpoint: Path, tmp_pa
     with rank_file.open("a") as handle:  # a row torn in the middle of a write
         handle.write('{"question_id": "119", "predic')
 
-    result = run_cli(*overrides)
+    result = run_program(*overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{done_before} questions already answered" in result.stdout + result.stderr
     ids = [int(r["question_id"]) for r in rows_of(out)]
@@ -152,15 +154,17 @@ def test_rerun_with_other_settings_in_the_same_folder_is_refused(
     checkpoint: Path, benchmark: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "clash"
-    assert run_cli(*common(checkpoint, benchmark, out), "data.limit=2", "logger=none").returncode == 0
-    result = run_cli(*common(checkpoint, benchmark, out), "data.limit=2", "logger=none", "strategy.keep=8")
+    assert run_program(*common(checkpoint, benchmark, out), "data.limit=2", "logger=none").returncode == 0
+    result = run_program(
+        *common(checkpoint, benchmark, out), "data.limit=2", "logger=none", "strategy.keep=8"
+    )
     assert result.returncode == 2
     assert "holds a run with other settings (strategy.keep: 16 -> 8)" in result.stderr
 
 
 def test_wandb_offline_run_keeps_the_final_metrics(checkpoint: Path, benchmark: Path, tmp_path: Path) -> None:
     out = tmp_path / "wandb"
-    result = run_cli(*common(checkpoint, benchmark, out), "logger=wandb", "data.limit=8")
+    result = run_program(*common(checkpoint, benchmark, out), "logger=wandb", "data.limit=8")
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = list(out.glob("wandb/offline-run-*/files/metrics.json"))
     assert len(summaries) == 1 and not summaries[0].is_symlink()
@@ -174,12 +178,12 @@ def test_wandb_offline_run_keeps_the_final_metrics(checkpoint: Path, benchmark: 
 def test_unknown_names_and_missing_columns_fail_clearly(
     checkpoint: Path, benchmark: Path, tmp_path: Path
 ) -> None:
-    unknown = run_cli("strategy=pore_quadratic")
+    unknown = run_program("strategy=pore_quadratic")
     assert unknown.returncode != 0
     assert "pore_linear" in unknown.stderr and "Available options" in unknown.stderr
-    missing = run_cli(*common(checkpoint, benchmark, tmp_path / "x"), "+data.columns.question=prompt")
+    missing = run_program(*common(checkpoint, benchmark, tmp_path / "x"), "+data.columns.question=prompt")
     assert missing.returncode != 0
     assert "the data has no question (column 'prompt')" in missing.stderr
     assert "+data.columns.question=<column>" in missing.stderr
-    too_many = run_cli(*common(checkpoint, benchmark, tmp_path / "y"), "strategy.keep=65", "logger=none")
+    too_many = run_program(*common(checkpoint, benchmark, tmp_path / "y"), "strategy.keep=65", "logger=none")
     assert too_many.returncode != 0 and "keep <= 64" in too_many.stderr

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_fixtures import OFFLINE_ENV, REPO, RUN, run_cli, write_vqa_parquet
+from pipeline_fixtures import OFFLINE_ENV, REPO, RUN, run_cli, run_program, write_vqa_parquet
 from pore import build_strategy
 from pore.adapters import ModelFacts
 from pore.app.evaluation.lock import LOCK_NAME
@@ -141,7 +141,7 @@ def test_user_errors_are_one_line_before_the_weights_load(vqa: Path, tmp_path: P
         ),
     ]
     for overrides, fragment in cases:
-        assert_one_line_user_error(run_cli(*overrides), fragment)
+        assert_one_line_user_error(run_program(*overrides), fragment)
     assert not (out / "config.yaml").exists()  # nothing of a refused run is kept
 
 
@@ -179,7 +179,7 @@ def test_pyramiddrop_presets_scale_their_stages_to_the_model_depth() -> None:
 
 def test_pdrop_runs_on_the_four_layer_embedded_model(tmp_path: Path) -> None:
     out = tmp_path / "pdrop"
-    result = run_cli(*spatial_args(out, "strategy=pdrop", "data.limit=2"))
+    result = run_program(*spatial_args(out, "strategy=pdrop", "data.limit=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pruning before layers [1, 2, 3] of this 4-layer model" in result.stdout + result.stderr
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -189,6 +189,7 @@ def test_pdrop_runs_on_the_four_layer_embedded_model(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ one writer per folder
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_finishes(tmp_path: Path) -> None:
     out = tmp_path / "busy"
     overrides = spatial_args(out, "data.limit=40", "data.batch_size=1", "strategy.keep=16")
@@ -231,7 +232,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (out / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
-    result = run_cli(*spatial_args(out, "data.limit=2"))
+    result = run_program(*spatial_args(out, "data.limit=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
 
@@ -241,20 +242,20 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
 
 def test_a_run_that_failed_on_a_bad_setting_does_not_own_its_folder(tmp_path: Path) -> None:
     out = tmp_path / "fixed"
-    bad = run_cli(*spatial_args(out, "data.limit=2", "strategy.keep=100"))
+    bad = run_program(*spatial_args(out, "data.limit=2", "strategy.keep=100"))
     assert bad.returncode == 2
     # A folder with a stored config but no answered question (e.g. a run that crashed at once) is free too.
     out.mkdir(exist_ok=True)
     (out / "config.yaml").write_text("strategy:\n  keep: 100\n")
-    fixed = run_cli(*spatial_args(out, "data.limit=2", "strategy.keep=16"))
+    fixed = run_program(*spatial_args(out, "data.limit=2", "strategy.keep=16"))
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert "keep: 16" in (out / "config.yaml").read_text()
 
 
 def test_a_folder_with_answers_names_the_settings_that_differ(tmp_path: Path) -> None:
     out = tmp_path / "clash"
-    assert run_cli(*spatial_args(out, "data.limit=2", "strategy.keep=16")).returncode == 0
-    other = run_cli(*spatial_args(out, "data.limit=2", "strategy.keep=8", "strategy.prior.alpha=0.3"))
+    assert run_program(*spatial_args(out, "data.limit=2", "strategy.keep=16")).returncode == 0
+    other = run_program(*spatial_args(out, "data.limit=2", "strategy.keep=8", "strategy.prior.alpha=0.3"))
     message = assert_one_line_user_error(other, f"{out} holds a run with other settings (")
     assert "strategy.keep: 16 -> 8; strategy.prior.alpha: 0.6 -> 0.3" in message
     assert message.endswith("choose another output_dir, or delete that folder to start over")
@@ -263,10 +264,10 @@ def test_a_folder_with_answers_names_the_settings_that_differ(tmp_path: Path) ->
 
 def test_rerunning_a_finished_run_keeps_its_efficiency_numbers(tmp_path: Path) -> None:
     out = tmp_path / "again"
-    assert run_cli(*spatial_args(out, "data.limit=4")).returncode == 0
+    assert run_program(*spatial_args(out, "data.limit=4")).returncode == 0
     before = json.loads((out / "metrics.json").read_text())
     assert before["eff/samples_per_sec"] > 0
-    again = run_cli(*spatial_args(out, "data.limit=4"))
+    again = run_program(*spatial_args(out, "data.limit=4"))
     assert again.returncode == 0, again.stderr[-3000:]
     after = json.loads((out / "metrics.json").read_text())
     assert after == before  # nothing answered again: the first run's throughput stays
@@ -277,7 +278,7 @@ def test_rerunning_a_finished_run_keeps_its_efficiency_numbers(tmp_path: Path) -
 
 def test_multirun_ends_with_one_table_of_every_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = run_cli(
+    result = run_program(
         "--multirun",
         "strategy.keep=8,16",
         "data.limit=2",
@@ -299,7 +300,7 @@ def test_multirun_ends_with_one_table_of_every_job(tmp_path: Path) -> None:
 
 def test_multirun_with_a_bad_job_shows_it_in_the_table_and_exits_2(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = run_cli(
+    result = run_program(
         "--multirun",
         "strategy.keep=16,100",
         "data.limit=2",
@@ -316,7 +317,7 @@ def test_multirun_with_a_bad_job_shows_it_in_the_table_and_exits_2(tmp_path: Pat
 
 
 def test_progress_bar_has_a_total(tmp_path: Path) -> None:
-    result = run_cli(*spatial_args(tmp_path / "bar", "data.limit=6", "data.batch_size=2"))
+    result = run_program(*spatial_args(tmp_path / "bar", "data.limit=6", "data.batch_size=2"))
     assert result.returncode == 0
     assert "3/3 [" in result.stdout  # batches of this run, with elapsed and remaining time
     assert batches_for(None, 0, 1, 4) is None
@@ -340,28 +341,20 @@ BENCH_ARGS = [
 ]
 
 
-def run_bench(*args: str, prelude: str = "", cwd: Path) -> subprocess.CompletedProcess:
-    """src/bench.py as a user runs it; `prelude` runs first in the same process."""
-    script = f"import runpy, sys\n{prelude}\nsys.argv = ['bench.py', *{list(args)!r}]\n"
-    script += f"runpy.run_path({str(REPO / 'src' / 'bench.py')!r}, run_name='__main__')\n"
-    env = {**os.environ, **OFFLINE_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def test_a_benchmark_setting_that_fails_is_listed_and_the_command_exits_1(tmp_path: Path) -> None:
+def test_a_benchmark_setting_that_fails_is_listed_and_the_command_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As `index 1 is out of bounds` in the ideal's generation under transformers 5.24 (its decoder gets the
     cache as `cache=`, which the reducer did not read): here the ideal's scoring-free index raises."""
-    fail_the_ideal = (
-        "from pore.app.bench.reduce import IdealReducer\n"
-        "def select(self, hidden, kwargs):\n"
-        "    raise RuntimeError('index 1 is out of bounds for dimension 1 with size 1')\n"
-        "IdealReducer.select = select"
-    )
+    from pore.app.bench.reduce import IdealReducer
+
+    def select(self: IdealReducer, hidden: object, kwargs: object) -> None:
+        raise RuntimeError("index 1 is out of bounds for dimension 1 with size 1")
+
     output = tmp_path / "bench.json"
-    result = run_bench(*BENCH_ARGS, f"bench.output={output}", prelude=fail_the_ideal, cwd=tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr(IdealReducer, "select", select)
+        result = run_program(*BENCH_ARGS, f"bench.output={output}", program="bench")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert (
         "error: 1 of 3 benchmark settings failed (their rows say 'error'; the rest of "
@@ -369,7 +362,7 @@ def test_a_benchmark_setting_that_fails_is_listed_and_the_command_exits_1(tmp_pa
     ) in result.stderr
     records = {r["approach"]: r for r in json.loads(output.read_text())["results"]}
     assert records["ideal"]["status"] == "error" and records["pruned"]["status"] == "ok"
-    clean = run_bench(*BENCH_ARGS, f"bench.output={tmp_path / 'clean.json'}", cwd=tmp_path)
+    clean = run_program(*BENCH_ARGS, f"bench.output={tmp_path / 'clean.json'}", program="bench")
     assert clean.returncode == 0, clean.stderr[-3000:]
 
 
@@ -390,7 +383,7 @@ def test_benchmark_settings_that_cannot_work_are_refused_before_the_model_is_bui
         ),
     ]
     for args, message in cases:
-        result = run_bench("model=tiny_llava", *args, cwd=tmp_path)
+        result = run_program("model=tiny_llava", *args, program="bench")
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), (
             result.stderr[-2000:]
         )

@@ -458,6 +458,7 @@ def partial_run(folder: Path) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_offline_sweep_resumes_after_being_killed_and_ranks_by_the_metric(
     tmp_path: Path, sweep_main: Any
 ) -> None:
@@ -536,6 +537,7 @@ def test_offline_sweep_resumes_after_being_killed_and_ranks_by_the_metric(
     assert len(storage.load().get_trials()) == 3
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_recorded_with_why_and_the_sweep_goes_on(tmp_path: Path, sweep_main: Any) -> None:
     path = small_spec(
         tmp_path,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -196,28 +194,15 @@ def test_no_pictures_without_pruning(tmp_path: Path) -> None:
     assert run_figures(None, tmp_path, rows) == {}
 
 
-def test_viz_command_compares_two_runs(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_viz_command_compares_two_runs(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "viz"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(VIZ),
-            str(runs["fastv"]),
-            str(runs["calibrated"]),
-            "--samples",
-            "3",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, **OFFLINE_ENV},
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "fastv, keep 8, K=2: 12 answers, grid 8x8" in result.stdout
-    assert "pore_calibrated (profile2d), keep 8, K=2" in result.stdout
+    argv = [str(runs["fastv"]), str(runs["calibrated"]), "--samples", "3", "--out", str(out)]
+    assert load_viz_command().main(argv) == 0  # src/viz.py, in process
+    printed = capsys.readouterr().out
+    assert "fastv, keep 8, K=2: 12 answers, grid 8x8" in printed
+    assert "pore_calibrated (profile2d), keep 8, K=2" in printed
     assert png_size(out / "kept_by_row.png") == KEPT_BY_ROW_SIZE
     assert png_size(out / "kept_map.png") == kept_map_size(2)
     assert png_size(out / "samples.png") == samples_size(3, 2)

@@ -19,7 +19,7 @@ from pore.app.bench.settings import BenchSettings
 from pore.app.bench.workload import image_geometry
 from pore.errors import UserError
 
-log = logging.getLogger("pore.app.bench")
+log = logging.getLogger("pore.bench")
 
 
 def default_output(architecture: str, device: str) -> str:

@@ -34,7 +34,7 @@ import transformers
 from pore.app.bench.settings import Targets
 from pore.assets import REPOSITORY
 
-SCHEMA = "pore.app.bench/1"
+SCHEMA = "pore.bench/1"
 Key = tuple[int, str, str, int, str | None]
 
 

@@ -38,7 +38,7 @@ from pore.app.bench.settings import BenchSettings, implementation_problem
 from pore.app.bench.timing import Summary, clock_for, free_memory, is_out_of_memory, peak_memory_mb
 from pore.app.bench.workload import Workload, make_workload
 
-log = logging.getLogger("pore.app.bench")
+log = logging.getLogger("pore.bench")
 
 # Labels of the whole-module brackets; every other span is a hook chain the attached object added.
 VISION = "vision_tower"
