@@ -283,7 +283,8 @@ def test_a_moved_checkout_keeps_its_folder_digests(
     digest = run_digest(
         here["model"], here["data"], here["strategy"], here["protocol"], here["max_new_tokens"]
     )
-    write_run_config(compose("strategy=pore_calibrated"), tmp_path)
+    calibrated = compose("strategy=pore_calibrated")
+    write_run_config(calibrated, tmp_path, build_strategy(calibrated))
     monkeypatch.setenv("PORE_ASSETS", str(tmp_path / "elsewhere" / "assets"))
     moved = hydra.compose("config", overrides=["strategy=pore_calibrated"])
     moved_plain = OmegaConf.to_container(moved, resolve=True)

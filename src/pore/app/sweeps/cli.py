@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pore.app.cli import load_plugins
 from pore.app.sweeps import engine, leaderboard
 from pore.app.sweeps.overrides import apply_overrides
 from pore.app.sweeps.runner import Options, Runner, budget, identity, program_path
@@ -108,7 +109,8 @@ def dry_run(spec: SweepSpec, folder: SweepDir, args: argparse.Namespace, options
             argv = runner.command(number, params, folder.run_dir(trial_dir_name(params, spec.swept)))
             print(f"[{number}] {' '.join(argv)}")
             try:
-                check(argv[argv.index(runner.program) + 1 :])
+                # As the trial's src/run.py does: its plug-in folders first (plugins=, $PORE_PLUGINS).
+                check(load_plugins(argv[argv.index(runner.program) + 1 :]))
             except Exception as error:  # Hydra's and the strategy's errors say what is wrong
                 failures += 1
                 print(f"    INVALID: {type(error).__name__}: {error}")
