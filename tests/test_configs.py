@@ -43,21 +43,6 @@ CONF = REPO / "conf"
 GROUPS = ("model", "data", "strategy", "trainer", "logger")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
-# The public benchmarks' data configs: the hub repository name and the split table each one must point at.
-HUB_SOURCES: dict[str, tuple[str, str, str | None, str]] = {
-    # config name: (benchmark, repository name, config, split)
-    "gqa": ("gqa", "GQA", "testdev_balanced_instructions", "testdev"),
-    "mmbench": ("mmbench", "MMBench", "en", "dev"),
-    "mme": ("mme", "MME", None, "test"),
-    "pope": ("pope", "POPE", None, "test"),
-    "pope_adversarial": ("pope", "POPE", None, "test"),
-    "pope_popular": ("pope", "POPE", None, "test"),
-    "pope_random": ("pope", "POPE", None, "test"),
-    "scienceqa_img": ("scienceqa_img", "ScienceQA", "ScienceQA-IMG", "test"),
-    "textvqa": ("textvqa", "textvqa", None, "validation"),
-    "vqav2": ("vqav2", "VQAv2", None, "validation"),
-}
-
 Compose = Callable[..., DictConfig]
 
 
@@ -166,35 +151,43 @@ DATA_NAMES = sorted(path.stem for path in (CONF / "data").glob("*.yaml"))
 
 @pytest.mark.parametrize("name", DATA_NAMES)
 def test_every_data_config_builds_its_benchmark(compose: Compose, name: str) -> None:
-    """build_benchmark gives the configured benchmark class and stream source, reading no data."""
+    """build_benchmark gives the configured benchmark class and stream source, reading no data; a public
+    benchmark's source is its repository under the default hub organisation."""
     cfg = compose(f"data={name}")
     benchmark, source = build_benchmark(cfg)
     assert isinstance(benchmark, BENCHMARKS.get(str(cfg.data.benchmark)))
+    assert benchmark.name == cfg.data.benchmark
     assert source == StreamSource(str(cfg.data.path), cfg.data.config, str(cfg.data.split), None)
-    if name in HUB_SOURCES:
-        kind, repository, config, split = HUB_SOURCES[name]
-        assert benchmark.name == kind
-        assert source == StreamSource(f"lmms-lab-encoder/{repository}", config, split, None)
+    if "hub_org" in cfg.data:
+        repository = hub_repository(cfg)
+        assert source == StreamSource(f"lmms-lab-encoder/{repository}", cfg.data.config, cfg.data.split, None)
 
 
-def test_hub_data_configs_are_the_ones_listed_here() -> None:
-    """Every data config with a hub_org is checked against HUB_SOURCES (none is left out)."""
-    with_hub = {name for name in DATA_NAMES if "hub_org" in OmegaConf.load(CONF / "data" / f"{name}.yaml")}
-    assert with_hub == set(HUB_SOURCES)
+def hub_repository(cfg: DictConfig) -> str:
+    """The repository name of a public benchmark's `data.path` (`${.hub_org}/<repository>`), unresolved."""
+    path = OmegaConf.to_container(cfg.data, resolve=False)["path"]
+    assert path.startswith("${.hub_org}/"), path
+    return path.removeprefix("${.hub_org}/")
 
 
-@pytest.mark.parametrize("name", sorted(HUB_SOURCES))
-def test_hub_path_follows_hub_org(compose: Compose, name: str) -> None:
-    """data.hub_org=lmms-lab points a public benchmark at the pre-2026 organisation."""
-    repository = HUB_SOURCES[name][1]
-    assert compose(f"data={name}").data.path == f"lmms-lab-encoder/{repository}"
-    assert compose(f"data={name}", "data.hub_org=lmms-lab").data.path == f"lmms-lab/{repository}"
+def test_hub_path_follows_hub_org(compose: Compose) -> None:
+    """Every data config reads a repository under data.hub_org (data.hub_org=lmms-lab points a public
+    benchmark at the pre-2026 organisation) or a shipped asset (the spatial benchmark)."""
+    hub = [name for name in DATA_NAMES if "hub_org" in compose(f"data={name}").data]
+    assert {"gqa", "pope_random", "mmbench"} <= set(hub)
+    for name in DATA_NAMES:
+        if name not in hub:
+            assert OmegaConf.to_container(compose(f"data={name}").data)["path"].startswith("${asset:")
+            continue
+        repository = hub_repository(compose(f"data={name}"))
+        assert compose(f"data={name}").data.path == f"lmms-lab-encoder/{repository}"
+        assert compose(f"data={name}", "data.hub_org=lmms-lab").data.path == f"lmms-lab/{repository}"
 
 
 def test_benchmark_options_reach_the_benchmark(compose: Compose) -> None:
     """POPE's subset and GQA's image table come from `data.options`."""
     subsets = {
-        name: build_benchmark(compose(f"data={name}"))[0].subset for name in HUB_SOURCES if "pope" in name
+        name: build_benchmark(compose(f"data={name}"))[0].subset for name in DATA_NAMES if "pope" in name
     }
     assert subsets == {
         "pope": None,

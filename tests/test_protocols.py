@@ -3,7 +3,8 @@
 Every expected prompt below is written out by hand from the official code (haotian-liu/LLaVA
 `llava/eval/model_vqa_*.py`, `llava/conversation.py`; lmms-eval `lmms_eval/tasks/*/utils.py` and yaml), for
 rows in the benchmarks' real column schemas read back from local parquet files. The benchmarks are built
-from the composed Hydra config, so the protocol files in `conf/protocol/` are what is tested.
+from the composed Hydra config, so the protocol files in `conf/protocol/` and each benchmark's variants in
+`conf/data/<name>.yaml` (`protocols:`) are what is tested.
 """
 
 from __future__ import annotations
@@ -25,20 +26,21 @@ import datasets
 import hydra
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from benchmark_tables import image_cell, vqav2_row, write_table
 from conftest import build_tiny_llava
 from pipeline_fixtures import run_cli
 from pore import build_strategy
-from pore.app.config import build_benchmark, build_protocol
+from pore.adapters import ADAPTERS
+from pore.app.config import build_benchmark, build_benchmark_protocol, build_protocol
 from pore.app.evaluation import predictions
 from pore.app.identity import register_resolvers
 from pore.assets import asset_path
 from pore.data import Benchmark, PromptCollator, Sample
 from pore.data.loading import open_stream
-from pore.data.protocol import Protocol, expand2square, mean_colour, vicuna_v1_prompt
+from pore.data.protocol import BenchmarkProtocol, Protocol, expand2square, mean_colour, vicuna_v1_prompt
 from pore.engine import Pruner
 from pore.metrics import METRICS
 from pore.metrics.answer_rules import (
@@ -51,6 +53,7 @@ from pore.metrics.answer_rules import (
     mmbench_letter,
 )
 from pore.metrics.normalize import normalize_vqa
+from pore.presets import compose_preset
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PROTOCOLS = ("default", "llava", "lmms_eval")
@@ -72,8 +75,14 @@ def compose() -> Iterator[Compose]:
 
 
 def benchmark_for(compose: Compose, protocol: str, data: str, path: Path) -> Benchmark:
-    cfg = compose(f"protocol={protocol}", f"data={data}", f"data.path={path}")
-    return build_benchmark(cfg)[0]
+    """The benchmark of `protocol=<protocol> data=<data>` (the data path only reaches the stream source, so
+    the composition is shared by every test that reads the same benchmark under the same protocol)."""
+    return build_benchmark(compose(f"protocol={protocol}", f"data={data}"))[0]
+
+
+def variant(compose: Compose, protocol: str, data: str) -> BenchmarkProtocol:
+    """The benchmark's settings under `protocol=<protocol> data=<data>`."""
+    return build_benchmark_protocol(compose(f"protocol={protocol}", f"data={data}"))
 
 
 def texts(compose: Compose, data: str, path: Path, config: str | None, split: str) -> dict[str, list[str]]:
@@ -101,10 +110,14 @@ def test_protocol_settings_per_benchmark(compose: Compose) -> None:
     llava = build_protocol(compose("protocol=llava"))
     lmms = build_protocol(compose("protocol=lmms_eval"))
     default = build_protocol(compose())
+
+    def tokens(protocol: str, *benchmarks: str) -> list[int]:
+        return [variant(compose, protocol, benchmark).max_new_tokens for benchmark in benchmarks]
+
     # model_vqa_loader.py's 128; model_vqa_science / model_vqa_mmbench 1024.
-    assert [llava.tokens(b) for b in ("gqa", "pope", "scienceqa_img", "mmbench")] == [128, 128, 1024, 1024]
+    assert tokens("llava", "gqa", "pope", "scienceqa_img", "mmbench") == [128, 128, 1024, 1024]
     # Each lmms-eval task yaml's generation_kwargs.max_new_tokens.
-    assert [lmms.tokens(b) for b in ("gqa", "vqav2", "mme", "scienceqa_img", "pope", "mmbench")] == [
+    assert tokens("lmms_eval", "gqa", "vqav2", "mme", "scienceqa_img", "pope", "mmbench") == [
         16,
         16,
         16,
@@ -112,16 +125,104 @@ def test_protocol_settings_per_benchmark(compose: Compose) -> None:
         128,
         1024,
     ]
-    assert default.tokens("gqa") == default.tokens("mmbench") == 16
-    # expand2square for LLaVA-1.5 only; lmms-eval's llava class keeps MMBench / ScienceQA "original".
-    assert llava.pads("mmbench", "llava") and not llava.pads("mmbench", "llava_next")
-    assert lmms.pads("gqa", "llava") and not lmms.pads("mmbench", "llava")
-    assert not lmms.pads("scienceqa_img", "llava") and not default.pads("gqa", "llava")
+    assert tokens("default", "gqa", "mmbench") == [16, 16]
+    # expand2square for LLaVA-1.5 only (the adapter's pads_to_square); lmms-eval's llava class keeps MMBench /
+    # ScienceQA "original".
+    llava_15, llava_next = ADAPTERS.get("llava").pads_to_square, ADAPTERS.get("llava_next").pads_to_square
+    mmbench = variant(compose, "llava", "mmbench")
+    assert mmbench.pads(llava_15) and not mmbench.pads(llava_next)
+    assert variant(compose, "lmms_eval", "gqa").pads(llava_15)
+    assert not variant(compose, "lmms_eval", "mmbench").pads(llava_15)
+    assert not variant(compose, "lmms_eval", "scienceqa_img").pads(llava_15)
+    assert not variant(compose, "default", "gqa").pads(llava_15)
     assert llava.conversation_for("llava") == "vicuna_v1" and llava.conversation_for("qwen2_vl") is None
     assert default.conversation_for("llava") is None
     assert lmms.processor_options("qwen2_vl") == {"min_pixels": 3136, "max_pixels": 602112}
     assert lmms.processor_options("qwen2_5_vl") == {"min_pixels": 200704, "max_pixels": 1605632}
     assert lmms.processor_options("llava") == {} and llava.processor_options("qwen2_vl") == {}
+
+
+# The protocol files before each benchmark's data config held its variants (issue 17), verbatim: every
+# benchmark keeps its token limit, answer rule, padding and prompt options under every protocol, and a run
+# folder's config.yaml from then is still read the same (build_protocol's legacy maps).
+PROTOCOL_FILES_BEFORE_ISSUE_17 = {
+    "default": """
+name: default
+conversation: {}
+pad_to_square: {}
+max_new_tokens: {default: 16}
+answer_rule: {}
+prompt: {}
+processor: {}
+""",
+    "llava": """
+name: llava
+conversation: {llava: vicuna_v1}
+pad_to_square: {default: true}
+max_new_tokens: {default: 128, scienceqa_img: 1024, mmbench: 1024}
+answer_rule:
+  scienceqa_img: llava_scienceqa
+  mmbench: mmbench
+  pope: pope
+  mme: mme_prefix
+  gqa: llava_gqa
+  textvqa: evalai
+prompt:
+  textvqa: {ocr: true}
+processor: {}
+""",
+    "lmms_eval": """
+name: lmms_eval
+conversation: {llava: vicuna_v1}
+pad_to_square: {default: true, mmbench: false, scienceqa_img: false}
+max_new_tokens:
+  default: 16
+  gqa: 16
+  vqav2: 16
+  mme: 16
+  scienceqa_img: 16
+  pope: 128
+  textvqa: 1024
+  mmbench: 1024
+answer_rule:
+  scienceqa_img: lmms_eval_scienceqa
+  mmbench: mmbench
+  pope: lmms_eval_pope
+  mme: mme_prefix
+  textvqa: evalai
+  vqav2: evalai
+prompt:
+  textvqa: {ocr: false}
+processor:
+  qwen2_vl: {min_pixels: 3136, max_pixels: 602112}
+  qwen2_5_vl: {min_pixels: 200704, max_pixels: 1605632}
+""",
+}
+
+
+def data_file(name: str) -> dict[str, Any]:
+    """conf/data/<name>.yaml as Hydra composes it: the file itself (test_configs checks that composing one
+    without a `defaults:` list gives exactly its content), or composed with what it inherits (a subset)."""
+    own = OmegaConf.to_container(OmegaConf.load(CONF / "data" / f"{name}.yaml"))
+    return compose_preset("data", name) if "defaults" in own else own
+
+
+def test_every_benchmark_keeps_its_settings_under_every_protocol() -> None:
+    """For every conf/data file (subsets included) and protocol: the same settings as the per-benchmark maps
+    of the protocol files before issue 17 gave, and a saved config in that old form is read the same."""
+    names = sorted(path.stem for path in (CONF / "data").glob("*.yaml"))
+    assert len(names) >= 11
+    for protocol, text in PROTOCOL_FILES_BEFORE_ISSUE_17.items():
+        old_protocol = OmegaConf.to_container(OmegaConf.create(text))
+        new_protocol = OmegaConf.load(CONF / "protocol" / f"{protocol}.yaml")  # no `defaults:` list
+        old = build_protocol(OmegaConf.create({"protocol": old_protocol}))
+        new = build_protocol(OmegaConf.create({"protocol": new_protocol}))
+        assert (old.name, old.conversation, old.processor) == (new.name, new.conversation, new.processor)
+        for name in names:
+            data = data_file(name)
+            now = OmegaConf.create({"protocol": new_protocol, "data": data})
+            saved = OmegaConf.create({"protocol": old_protocol, "data": {"benchmark": data["benchmark"]}})
+            assert build_benchmark_protocol(now) == build_benchmark_protocol(saved), (protocol, name)
 
 
 def test_bad_protocol_settings_say_what_is_valid() -> None:
@@ -135,6 +236,26 @@ def test_bad_protocol_settings_say_what_is_valid() -> None:
         Protocol.from_mapping({"name": "llava", "prompts": {}})
     with pytest.raises(ValueError, match="unknown multiple-choice answer rule 'strict'"):
         METRICS["multiple_choice"](rule="strict")
+    llava = Protocol.from_mapping({"name": "llava", "benchmark_defaults": {"max_new_tokens": 128}})
+    with pytest.raises(ValueError) as caught:
+        llava.for_benchmark({"llava": {"max_new_token": 64}})
+    assert str(caught.value) == (
+        "data.protocols.llava: unknown settings ['max_new_token']; a benchmark's protocol entry has "
+        "['answer_rule', 'max_new_tokens', 'pad_to_square', 'prompt']"
+    )
+    with pytest.raises(ValueError) as caught:
+        llava.for_benchmark({"lava": {}})
+    assert str(caught.value) == (
+        "data.protocols: unknown protocols ['lava']; choose among: default, llava, lmms_eval"
+    )
+    with pytest.raises(ValueError, match=r"data\.protocols\.llava\.max_new_tokens must be an integer >= 1"):
+        llava.for_benchmark({"llava": {"max_new_tokens": 0}})
+    with pytest.raises(ValueError, match=r"protocol\.benchmark_defaults: unknown settings \['tokens'\]"):
+        Protocol.from_mapping({"name": "default", "benchmark_defaults": {"tokens": 8}})
+    # A benchmark's own entry wins setting by setting; what it leaves out comes from the protocol.
+    assert llava.for_benchmark({"llava": {"answer_rule": "pope"}, "default": {"max_new_tokens": 4}}) == (
+        BenchmarkProtocol("llava", max_new_tokens=128, answer_rule="pope")
+    )
 
 
 # ----------------------------------------------------------------------------------------------- prompts

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pore.data import BENCHMARKS, Benchmark, StreamSource
-from pore.data.protocol import Protocol
+from pore.data.protocol import BenchmarkProtocol, Protocol
 from pore.strategy import Strategy
 
 
@@ -43,20 +43,48 @@ def _overridden(key: str) -> bool:
     return key in keys
 
 
+# The per-benchmark maps that protocol files held before each benchmark's data config did (issue 17); the
+# config.yaml of a run folder from then still has them, and the figures of such runs read it back.
+LEGACY_PROTOCOL_MAPS = ("pad_to_square", "max_new_tokens", "answer_rule", "prompt")
+
+
+def _protocol_settings(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The protocol node (`conf/protocol/`; configs without a protocol group get `default`) and the data
+    config's `protocols` (the benchmark's variants of each protocol)."""
+    node = dict(_plain(cfg.get("protocol")) or {"name": "default"})
+    data = cfg.get("data")
+    variants = dict(_plain(data.get("protocols")) or {}) if data is not None else {}
+    legacy = {key: node.pop(key) or {} for key in LEGACY_PROTOCOL_MAPS if key in node}
+    if legacy and data is not None:  # maps keyed by benchmark, with a `default` entry (prompt: none)
+        benchmark = str(data.benchmark)
+        entry = {key: values.get(benchmark, values.get("default")) for key, values in legacy.items()}
+        entry["prompt"] = legacy.get("prompt", {}).get(benchmark)
+        name = str(node.get("name", "default"))
+        variants = {name: {key: value for key, value in entry.items() if value is not None}}
+    return node, variants
+
+
 def build_protocol(cfg: DictConfig) -> Protocol:
     """The evaluation protocol (`conf/protocol/`); configs without a protocol group get `default`."""
-    return Protocol.from_mapping(_plain(cfg.get("protocol")) or {"name": "default"})
+    return Protocol.from_mapping(_protocol_settings(cfg)[0])
+
+
+def build_benchmark_protocol(cfg: DictConfig) -> BenchmarkProtocol:
+    """The benchmark's variant of the run's protocol: `data.protocols.<protocol>` over the protocol's
+    `benchmark_defaults` (token limit, answer rule, pad to square, prompt options)."""
+    node, variants = _protocol_settings(cfg)
+    return Protocol.from_mapping(node).for_benchmark(variants)
 
 
 def build_benchmark(cfg: DictConfig) -> tuple[Benchmark, StreamSource]:
     data = cfg.data
-    protocol = build_protocol(cfg)
+    variant = build_benchmark_protocol(cfg)
     benchmark = BENCHMARKS.get(data.benchmark)(
         columns=_plain(data.columns) or {},
-        protocol=protocol.name,
-        answer_rule=protocol.rule(str(data.benchmark)),
+        protocol=variant.protocol,
+        answer_rule=variant.answer_rule,
         # The protocol's prompt options (textvqa: ocr) under the data's own (data.options wins).
-        **{**protocol.prompt_options(str(data.benchmark)), **(_plain(data.options) or {})},
+        **{**variant.prompt, **(_plain(data.options) or {})},
     )
     limit = data.limit
     if limit is not None and (int(limit) != limit or limit < 1):

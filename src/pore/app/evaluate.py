@@ -112,13 +112,13 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> dict[str, Any
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model, processor = build.load_model_and_processor(cfg)
     protocol = build.build_protocol(cfg)
-    # What the protocol does for this model family and benchmark (pore.data.protocol).
-    family = adapter_for(model, cfg.model.adapter).name
-    pad_to_square = protocol.pads(benchmark.name, family)
+    # What the protocol does for this benchmark (its data config's variant) and model (pore.data.protocol):
+    # padding where the family can encode padded squares, the conversation the protocol names for the family.
+    variant = build.build_benchmark_protocol(cfg)
+    adapter = adapter_for(model, cfg.model.adapter)
+    pad_to_square = variant.pads(adapter.pads_to_square)
     images_padded = pad_to_square or processor_pads(processor.image_processor)
-    max_new_tokens = (
-        protocol.tokens(benchmark.name) if cfg.max_new_tokens is None else int(cfg.max_new_tokens)
-    )
+    max_new_tokens = variant.max_new_tokens if cfg.max_new_tokens is None else int(cfg.max_new_tokens)
     module = VLMEvaluator(
         model,
         processor,
@@ -136,7 +136,7 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> dict[str, Any
         int(cfg.data.batch_size),
         int(cfg.data.num_workers),
         skip_ids=skip,
-        conversation=protocol.conversation_for(family),
+        conversation=protocol.conversation_for(adapter.name),
         pad_to_square=pad_to_square,
     )
     if skip:

@@ -1,8 +1,23 @@
 """A benchmark: where its rows live, which columns they need, how a row becomes a prompt, how it is scored.
 
-Each benchmark is one small registered class (see `pore/data/benchmarks/`). The data module streams the
-rows with Hugging Face `datasets`, asks the benchmark to turn each row into a `Sample`, and the evaluation
-scores the answers with the benchmark's torchmetrics metric.
+Each benchmark is one small registered class in `pore/data/benchmarks/` (every module there is imported,
+so a new one is one file) plus one config, `conf/data/<name>.yaml`. The data module streams the rows with
+Hugging Face `datasets`, asks the benchmark to turn each row into a `Sample`, and the evaluation scores the
+answers with the benchmark's torchmetrics metric.
+
+Protocols (`pore.data.protocol`: `default`, `llava`, `lmms_eval`) are the published evaluations a run can
+follow. A benchmark carries its variants of them in two places, one per kind of difference:
+
+- settings (token limit, answer rule, pad to square, prompt options) in its data config, under
+  `protocols: {<protocol>: {...}}`; a protocol without an entry gets that protocol's `benchmark_defaults`;
+- prompt text in its class, as methods named `<step>_<protocol>` next to `<step>_default`, for each step
+  listed in `protocol_steps` (`prompt` for every benchmark). `Benchmark.variant(step)` picks the method for
+  the benchmark's protocol, the `_default` one when the class defines none for it, so `prompt(row)` is
+  `prompt_lmms_eval(row)` under `protocol=lmms_eval` when the class has it and `prompt_default(row)`
+  otherwise. A method named after a step but no protocol (a misspelt `prompt_lmmseval`) is refused when the
+  class is defined, instead of silently falling back to the default.
+
+A new protocol variant of a benchmark is therefore one method plus one entry in its YAML file.
 """
 
 from __future__ import annotations
@@ -80,12 +95,28 @@ def content_id(*parts: Any) -> str:
 
 
 class Benchmark(ABC):
-    """How to read and score one benchmark. Subclasses set the class attributes and `to_sample`."""
+    """How to read and score one benchmark. Subclasses set the class attributes, `question_id` and
+    `to_sample` (which takes its text from `prompt(row)`), and the protocol variants of their prompt."""
 
     name: ClassVar[str]
     metric: ClassVar[str]  # a key of pore.metrics.METRICS
     # logical column -> column name in the default dataset; users remap with `data.columns`
     default_columns: ClassVar[dict[str, str]]
+    # The steps whose methods vary by protocol: `<step>_default` plus `<step>_<protocol>` where it differs.
+    protocol_steps: ClassVar[tuple[str, ...]] = ("prompt",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for step in cls.protocol_steps:
+            if not callable(getattr(cls, f"{step}_default", None)):
+                raise TypeError(f"{cls.__name__}: protocol step {step!r} needs a method {step}_default")
+            for attribute in dir(cls):
+                suffix = attribute.removeprefix(f"{step}_")
+                if attribute.startswith(f"{step}_") and suffix not in PROTOCOLS:
+                    raise TypeError(
+                        f"{cls.__name__}.{attribute}: {suffix!r} is not a protocol; protocol variants of "
+                        f"{step!r} are named {step}_<protocol> with a protocol of: {', '.join(PROTOCOLS)}"
+                    )
 
     def __init__(
         self,
@@ -130,6 +161,21 @@ class Benchmark(ABC):
     def keep_row(self, row: Mapping[str, Any]) -> bool:
         """Whether a row belongs to the configured subset (e.g. one POPE category). Cheap: no image decode."""
         return True
+
+    def variant(self, step: str) -> Callable[..., Any]:
+        """The method of `step` for this benchmark's protocol: `<step>_<protocol>` when the class defines
+        it, else `<step>_default` (the one dispatch of protocol variants, see the module's docstring)."""
+        return getattr(self, f"{step}_{self.protocol}", None) or getattr(self, f"{step}_default")
+
+    def prompt(self, row: Mapping[str, Any]) -> str:
+        """The user's turn for `row` (question, options, answer instruction; no chat markup) under the
+        benchmark's protocol."""
+        return self.variant("prompt")(row)
+
+    def prompt_default(self, row: Mapping[str, Any]) -> str:
+        """The question and LLaVA-1.5's short-answer instruction: the prompt of the short-answer benchmarks
+        under every protocol unless a class says otherwise."""
+        return f"{self.column(row, 'question')}\n{SHORT_ANSWER}"
 
     def metric_options(self) -> dict[str, Any]:
         """Keyword arguments for the metric's constructor: the protocol's answer rule, when it sets one."""

@@ -11,8 +11,12 @@ Three protocols (`conf/protocol/<name>.yaml`, docs/protocols.md):
 - `lmms_eval`: EvolvingLMMs-Lab/lmms-eval's task prompts, generation limits and answer rules, its Qwen
   pixel limits, and LLaVA-1.5 run as its `llava` model class runs it.
 
-The benchmark classes build the prompt text for a protocol (`Benchmark.protocol`); this module holds what is
-shared: the conversation templates, `expand2square` and the per-benchmark settings of a protocol.
+A protocol's file holds what is the same for every benchmark (`Protocol`: the conversation template per model
+family, processor settings per checkpoint type, what a benchmark without its own entry gets). What differs
+by benchmark is the benchmark's own: the settings in its data config under `protocols.<name>`
+(`BenchmarkProtocol`, from `Protocol.for_benchmark`), the prompt text in its class (`<step>_<protocol>`
+methods, pore.data.benchmark). Nothing here names a model family in code: padding asks the caller for its
+adapter's `pads_to_square`, and `conversation` is keyed by family name as data.
 """
 
 from __future__ import annotations
@@ -69,34 +73,65 @@ def processor_pads(image_processor: Any) -> bool:
     return bool(getattr(image_processor, "do_pad", False))
 
 
+# What a benchmark may set for each protocol (`protocols.<protocol>` of conf/data/<name>.yaml).
+BENCHMARK_SETTINGS = ("max_new_tokens", "answer_rule", "pad_to_square", "prompt")
+
+
+def benchmark_settings(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`settings` checked and typed (only the keys given); `where` names them in an error message."""
+    unknown = set(settings) - set(BENCHMARK_SETTINGS)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown settings {sorted(unknown)}; a benchmark's protocol entry has "
+            f"{sorted(BENCHMARK_SETTINGS)}"
+        )
+    typed = dict(settings)
+    if "max_new_tokens" in typed:
+        tokens = typed["max_new_tokens"]
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"{where}.max_new_tokens must be an integer >= 1, got {tokens!r}")
+    if "pad_to_square" in typed:
+        typed["pad_to_square"] = bool(typed["pad_to_square"])
+    if "prompt" in typed:
+        typed["prompt"] = dict(typed["prompt"] or {})
+    return typed
+
+
+@dataclass(frozen=True)
+class BenchmarkProtocol:
+    """One benchmark's variant of a protocol: its entry `protocols.<protocol>` in conf/data/<name>.yaml over
+    the protocol's `benchmark_defaults` (`Protocol.for_benchmark`)."""
+
+    protocol: str = "default"
+    max_new_tokens: int = 16  # most new tokens to generate; a top-level max_new_tokens wins
+    answer_rule: str | None = None  # the metric's reading of an answer; None = the metric's default rule
+    pad_to_square: bool = False  # expand2square before the processor, where the family encodes squares
+    prompt: Mapping[str, Any] = field(default_factory=dict)  # the benchmark's prompt options (textvqa: ocr)
+
+    def pads(self, model_pads_to_square: bool) -> bool:
+        """Whether images are padded to a square before the processor: when this variant asks for it and the
+        model family can encode padded squares (the caller passes its adapter's `pads_to_square`: LLaVA-1.5;
+        LLaVA-NeXT has its own anyres preprocessing and Qwen resizes)."""
+        return bool(model_pads_to_square) and self.pad_to_square
+
+
 @dataclass(frozen=True)
 class Protocol:
-    """The per-benchmark settings of a protocol, as `conf/protocol/<name>.yaml` writes them.
+    """What a protocol sets for every benchmark, as `conf/protocol/<name>.yaml` writes it.
 
-    Every mapping is keyed by benchmark name (`data.benchmark`: gqa, pope, scienceqa_img, ...) with an
-    optional `default` entry; `conversation` by model family (adapter name) and `processor` by the
-    checkpoint's `model_type`.
+    `conversation` is keyed by model family (adapter name), `processor` by the checkpoint's `model_type`.
+    What differs by benchmark lives in the benchmark's data config (`protocols.<name>`, `for_benchmark`);
+    `benchmark_defaults` is what a benchmark without its own entry for this protocol gets.
     """
 
     name: str = "default"
     conversation: Mapping[str, str] = field(default_factory=dict)  # family -> template; else model's own
-    pad_to_square: Mapping[str, bool] = field(default_factory=dict)  # expand2square (LLaVA-1.5 only)
-    max_new_tokens: Mapping[str, int] = field(default_factory=lambda: {"default": 16})
-    answer_rule: Mapping[str, str] = field(default_factory=dict)  # the metric's reading of an answer
-    prompt: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # benchmark prompt options
     processor: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # model_type -> settings
+    benchmark_defaults: Mapping[str, Any] = field(default_factory=dict)  # checked `BENCHMARK_SETTINGS`
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> Protocol:
-        known = {
-            "name",
-            "conversation",
-            "pad_to_square",
-            "max_new_tokens",
-            "answer_rule",
-            "prompt",
-            "processor",
-        }
+        known = {"name", "conversation", "processor", "benchmark_defaults"}
         unknown = set(settings) - known
         if unknown:
             raise ValueError(f"unknown protocol settings {sorted(unknown)}; a protocol has {sorted(known)}")
@@ -109,28 +144,26 @@ class Protocol:
                     f"protocol.conversation.{family}: unknown template {template!r}; "
                     f"choose one of: {', '.join(CONVERSATIONS)} (or drop the entry for the model's own)"
                 )
-        values = {key: dict(settings[key] or {}) for key in known - {"name"} if key in settings}
-        return cls(name=name, **values)
+        return cls(
+            name=name,
+            conversation=dict(settings.get("conversation") or {}),
+            processor=dict(settings.get("processor") or {}),
+            benchmark_defaults=benchmark_settings(
+                settings.get("benchmark_defaults") or {}, "protocol.benchmark_defaults"
+            ),
+        )
 
-    @staticmethod
-    def _for(mapping: Mapping[str, Any], benchmark: str, fallback: Any = None) -> Any:
-        return mapping.get(benchmark, mapping.get("default", fallback))
-
-    def tokens(self, benchmark: str) -> int:
-        """The most new tokens to generate for `benchmark`."""
-        return int(self._for(self.max_new_tokens, benchmark, 16))
-
-    def rule(self, benchmark: str) -> str | None:
-        """How the metric reads an answer for `benchmark` (None = the metric's default rule)."""
-        return self._for(self.answer_rule, benchmark)
-
-    def prompt_options(self, benchmark: str) -> dict[str, Any]:
-        return dict(self.prompt.get(benchmark, {}))
-
-    def pads(self, benchmark: str, family: str) -> bool:
-        """Whether images are padded to a square before the processor: LLaVA-1.5 (`llava` adapter) only, as
-        LLaVA-NeXT has its own anyres preprocessing and Qwen resizes."""
-        return family == "llava" and bool(self._for(self.pad_to_square, benchmark, False))
+    def for_benchmark(self, protocols: Mapping[str, Mapping[str, Any] | None] | None) -> BenchmarkProtocol:
+        """A benchmark's variant of this protocol, from its data config's `protocols` (protocol name ->
+        settings): its entry for this protocol over `benchmark_defaults`, setting by setting."""
+        protocols = protocols or {}
+        unknown = set(protocols) - set(PROTOCOLS)
+        if unknown:
+            raise ValueError(
+                f"data.protocols: unknown protocols {sorted(unknown)}; choose among: {', '.join(PROTOCOLS)}"
+            )
+        own = benchmark_settings(protocols.get(self.name) or {}, f"data.protocols.{self.name}")
+        return BenchmarkProtocol(self.name, **{**self.benchmark_defaults, **own})
 
     def conversation_for(self, family: str) -> str | None:
         """The conversation template for a model family, or None for the model's own chat template."""

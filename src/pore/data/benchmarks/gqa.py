@@ -7,7 +7,6 @@ from typing import Any
 
 from pore.data.benchmark import (
     BENCHMARKS,
-    SHORT_ANSWER,
     Benchmark,
     DataError,
     Sample,
@@ -55,7 +54,7 @@ class GQA(Benchmark):
             raise SampleError(f"image {image_id!r} is not in the image table {self.image_config!r}")
         return Sample(
             question_id=self.question_id(row),
-            text=f"{self.column(row, 'question')}\n{SHORT_ANSWER}",
+            text=self.prompt(row),
             answers=[str(self.column(row, "answer"))],
             image=decode_image(self.images[image_id]),
             meta={"image_id": image_id},

@@ -21,6 +21,7 @@ def _present(value: Any) -> bool:
 class MMBench(Benchmark):
     name = "mmbench"
     metric = "multiple_choice"
+    protocol_steps = ("prompt", "letters")
     default_columns = {
         "index": "index",
         "question": "question",
@@ -40,50 +41,64 @@ class MMBench(Benchmark):
         return {"options": [m["options"] for m in metas], "groups": [m["group"] for m in metas]}
 
     def to_sample(self, row: Mapping[str, Any]) -> Sample:
-        if self.protocol == "llava":
-            letters, text = self._llava_prompt(row)
-        elif self.protocol == "lmms_eval":
-            letters, text = self._lmms_eval_prompt(row)
-        else:
-            letters = [letter for letter in LETTERS if _present(self.column(row, letter))]
-            options = [str(self.column(row, letter)) for letter in letters]
-            hint = str(self.column(row, "hint")).strip() if _present(self.column(row, "hint")) else ""
-            listed = "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options, strict=True))
-            text = f"{hint}\n" if hint else ""
-            text += f"{self.column(row, 'question')}\n{listed}\n{LETTER_ANSWER}"
         index = int(self.column(row, "index"))
         return Sample(
             question_id=self.question_id(row),
-            text=text,
+            text=self.prompt(row),
             answers=[str(self.column(row, "answer")).strip()],
             image=decode_image(self.column(row, "image")),
             meta={
-                "options": [str(self.column(row, letter)) for letter in letters],
+                # The options the prompt listed, in order: what the metric reads letters against.
+                "options": [str(self.column(row, letter)) for letter in self.variant("letters")(row)],
                 "group": index % CIRCULAR_STRIDE,
             },
         )
 
-    def _llava_prompt(self, row: Mapping[str, Any]) -> tuple[list[str], str]:
-        """model_vqa_mmbench.py: options up to the first missing one; "hint\nquestion\nA. ...", suffix."""
-        letters = list(itertools.takewhile(lambda letter: not _llava_none(self.column(row, letter)), LETTERS))
+    # ------------------------------------------------------------------ which options the prompt lists
+
+    def letters_default(self, row: Mapping[str, Any]) -> list[str]:
+        """Every option that is present (not empty, None or "nan" / "None")."""
+        return [letter for letter in LETTERS if _present(self.column(row, letter))]
+
+    def letters_llava(self, row: Mapping[str, Any]) -> list[str]:
+        """model_vqa_mmbench.py: the options up to the first missing one."""
+        return list(itertools.takewhile(lambda letter: not _llava_none(self.column(row, letter)), LETTERS))
+
+    def letters_lmms_eval(self, row: Mapping[str, Any]) -> list[str]:
+        """create_options_prompt: every option lmms-eval prints."""
+        return [letter for letter in LETTERS if _lmms_eval_present(self.column(row, letter))]
+
+    # ------------------------------------------------------------------------------------- the prompt
+
+    def prompt_default(self, row: Mapping[str, Any]) -> str:
+        """The hint (stripped, when present) on its own line, the question, every present option as
+        "A. ..." and the letter instruction, one per line."""
+        letters = self.letters_default(row)
+        listed = "\n".join(f"{letter}. {self.column(row, letter)}" for letter in letters)
+        hint = str(self.column(row, "hint")).strip() if _present(self.column(row, "hint")) else ""
+        text = f"{hint}\n" if hint else ""
+        return text + f"{self.column(row, 'question')}\n{listed}\n{LETTER_ANSWER}"
+
+    def prompt_llava(self, row: Mapping[str, Any]) -> str:
+        """model_vqa_mmbench.py: "hint\nquestion\nA. ..." (the hint unless None / NaN / "nan" / "none"),
+        then the letter instruction."""
         question = str(self.column(row, "question"))
         hint = self.column(row, "hint")
         if not _llava_none(hint):
             question = f"{hint}\n{question}"
-        for letter in letters:
+        for letter in self.letters_llava(row):
             question += f"\n{letter}. {self.column(row, letter)}"
-        return letters, f"{question}\n{LETTER_ANSWER}"
+        return f"{question}\n{LETTER_ANSWER}"
 
-    def _lmms_eval_prompt(self, row: Mapping[str, Any]) -> tuple[list[str], str]:
+    def prompt_lmms_eval(self, row: Mapping[str, Any]) -> str:
         """en_utils.mmbench_doc_to_text: "hint question There are several options:\nA. ...", then "\n" and
         the post prompt, which itself starts with a newline (so a blank line precedes the instruction)."""
-        letters = [letter for letter in LETTERS if _lmms_eval_present(self.column(row, letter))]
-        listed = "".join(f"\n{letter}. {self.column(row, letter)}" for letter in letters)
+        listed = "".join(f"\n{letter}. {self.column(row, letter)}" for letter in self.letters_lmms_eval(row))
         options = f"There are several options:{listed}"
         hint = self.column(row, "hint")
         question = self.column(row, "question")
         query = f"{hint} {question} {options}" if _lmms_eval_present(hint) else f"{question} {options}"
-        return letters, f"{query}\n\n{LETTER_ANSWER}"
+        return f"{query}\n\n{LETTER_ANSWER}"
 
 
 def _llava_none(value: Any) -> bool:

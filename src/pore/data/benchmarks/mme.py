@@ -28,17 +28,21 @@ class MME(Benchmark):
     def metric_extras(self, metas: list[dict[str, Any]]) -> dict[str, list[Any]]:
         return {"categories": [m["category"] for m in metas], "image_ids": [m["image_id"] for m in metas]}
 
+    def prompt_default(self, row: Mapping[str, Any]) -> str:
+        """MME questions end with "Please answer yes or no."; LLaVA-1.5 swaps it for the short suffix (the
+        `default` and `llava` prompt)."""
+        question = str(self.column(row, "question")).replace("Please answer yes or no.", "").strip()
+        return f"{question}\n{SHORT_ANSWER}"
+
+    def prompt_lmms_eval(self, row: Mapping[str, Any]) -> str:
+        """mme_doc_to_text: strip, then drop " Please answer yes or no." (with its leading space)."""
+        question = str(self.column(row, "question")).strip().replace(" Please answer yes or no.", "")
+        return f"{question}\n{SHORT_ANSWER}"
+
     def to_sample(self, row: Mapping[str, Any]) -> Sample:
-        question = str(self.column(row, "question"))
-        if self.protocol == "lmms_eval":
-            # mme_doc_to_text: strip, then drop " Please answer yes or no." (with its leading space).
-            question = question.strip().replace(" Please answer yes or no.", "")
-        else:
-            # MME questions end with "Please answer yes or no."; LLaVA-1.5 swaps it for the short suffix.
-            question = question.replace("Please answer yes or no.", "").strip()
         return Sample(
             question_id=self.question_id(row),
-            text=f"{question}\n{SHORT_ANSWER}",
+            text=self.prompt(row),
             answers=[str(self.column(row, "answer")).strip()],
             image=decode_image(self.column(row, "image")),
             meta={

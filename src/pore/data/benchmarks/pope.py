@@ -38,13 +38,14 @@ class POPE(Benchmark):
     def question_id(self, row: Mapping[str, Any]) -> str:
         return f"{self.column(row, 'category')}/{self.column(row, 'question_id')}"
 
+    def prompt_lmms_eval(self, row: Mapping[str, Any]) -> str:
+        """pope_doc_to_text: the question stripped, then the short-answer instruction."""
+        return f"{str(self.column(row, 'question')).strip()}\n{SHORT_ANSWER}"
+
     def to_sample(self, row: Mapping[str, Any]) -> Sample:
-        question = str(self.column(row, "question"))
-        if self.protocol == "lmms_eval":
-            question = question.strip()  # pope_doc_to_text
         return Sample(
             question_id=self.question_id(row),
-            text=f"{question}\n{SHORT_ANSWER}",
+            text=self.prompt(row),
             answers=[str(self.column(row, "answer")).strip().lower()],
             image=decode_image(self.column(row, "image")),
             meta={"category": self.column(row, "category")},

@@ -35,17 +35,28 @@ class ScienceQAImg(Benchmark):
     def metric_extras(self, metas: list[dict[str, Any]]) -> dict[str, list[Any]]:
         return {"options": [m["options"] for m in metas]}
 
+    def prompt_default(self, row: Mapping[str, Any]) -> str:
+        """A "Context: {hint}" line (the hint stripped; none when empty), the question, the lettered choices
+        and the letter instruction (the `default` and `llava` prompt)."""
+        return self._prompt(row, str(self.column(row, "hint") or "").strip())
+
+    def prompt_lmms_eval(self, row: Mapping[str, Any]) -> str:
+        """sqa_doc_to_text: as the default, but the hint as it is stored (its own whitespace kept)."""
+        return self._prompt(row, str(self.column(row, "hint") or ""))
+
+    def _prompt(self, row: Mapping[str, Any], hint: str) -> str:
+        choices = [str(c) for c in self.column(row, "choices")]
+        letters = string.ascii_uppercase[: len(choices)]
+        options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True))
+        context = f"Context: {hint}\n" if hint else ""
+        return f"{context}{self.column(row, 'question')}\n{options}\n{LETTER_ANSWER}"
+
     def to_sample(self, row: Mapping[str, Any]) -> Sample:
         choices = [str(c) for c in self.column(row, "choices")]
         letters = string.ascii_uppercase[: len(choices)]
-        hint = str(self.column(row, "hint") or "")
-        if self.protocol != "lmms_eval":
-            hint = hint.strip()  # sqa_doc_to_text keeps the hint as it is
-        options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True))
-        context = f"Context: {hint}\n" if hint else ""
         return Sample(
             question_id=self.question_id(row),
-            text=f"{context}{self.column(row, 'question')}\n{options}\n{LETTER_ANSWER}",
+            text=self.prompt(row),
             answers=[letters[int(self.column(row, "answer"))]],
             image=decode_image(self.column(row, "image")),
             meta={"options": choices},

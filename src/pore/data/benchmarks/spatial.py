@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pore.data.benchmark import BENCHMARKS, SHORT_ANSWER, Benchmark, Sample, decode_image
+from pore.data.benchmark import BENCHMARKS, Benchmark, Sample, decode_image
 
 
 @BENCHMARKS.register("spatial")
@@ -31,7 +31,7 @@ class SpatialVQA(Benchmark):
     def to_sample(self, row: Mapping[str, Any]) -> Sample:
         return Sample(
             question_id=self.question_id(row),
-            text=f"{self.column(row, 'question')}\n{SHORT_ANSWER}",
+            text=self.prompt(row),
             answers=[str(self.column(row, "answer"))],
             image=decode_image(self.column(row, "image")),
             meta={"type": str(self.column(row, "type")), "region": str(self.column(row, "region"))},

@@ -26,10 +26,15 @@ class TextVQA(VQAv2):
         if not self.ocr:
             self.columns.pop("ocr_tokens")  # only read (and required) with ocr
 
-    def prompt(self, row: Mapping[str, Any]) -> str:
-        question = str(self.column(row, "question"))
-        if self.protocol == "lmms_eval":
-            question = question.capitalize()  # str.capitalize: first letter up, the rest lowered
+    def prompt_default(self, row: Mapping[str, Any]) -> str:
+        """The question (with the OCR line when `ocr`) and the short-answer instruction."""
+        return self._prompt(row, str(self.column(row, "question")))
+
+    def prompt_lmms_eval(self, row: Mapping[str, Any]) -> str:
+        """textvqa_doc_to_text: the question through str.capitalize (first letter up, the rest lowered)."""
+        return self._prompt(row, str(self.column(row, "question")).capitalize())
+
+    def _prompt(self, row: Mapping[str, Any], question: str) -> str:
         if self.ocr:
             question += f"\nReference OCR token: {', '.join(str(t) for t in self.column(row, 'ocr_tokens'))}"
         return f"{question}\n{SHORT_ANSWER}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pore.data.benchmark import BENCHMARKS, SHORT_ANSWER, Benchmark, Sample, decode_image
+from pore.data.benchmark import BENCHMARKS, Benchmark, Sample, decode_image
 
 
 @BENCHMARKS.register("vqav2")
@@ -27,7 +27,7 @@ class VQAv2(Benchmark):
         answers = [a["answer"] if isinstance(a, Mapping) else str(a) for a in self.column(row, "answers")]
         return Sample(
             question_id=self.question_id(row),
-            text=f"{self.column(row, 'question')}\n{SHORT_ANSWER}",
+            text=self.prompt(row),
             answers=answers,
             image=decode_image(self.column(row, "image")),
         )
