@@ -31,7 +31,7 @@ from PIL import Image
 
 from benchmark_tables import image_cell, vqav2_row, write_table
 from conftest import build_tiny_llava
-from pipeline_fixtures import run_cli
+from pipeline_fixtures import run_program
 from pore import build_strategy
 from pore.adapters import ADAPTERS
 from pore.app.config import build_benchmark, build_benchmark_protocol, build_protocol
@@ -645,15 +645,15 @@ def test_cli_runs_each_protocol_with_the_shipped_model(tmp_path: Path) -> None:
     (so padding suppression runs) and writes the vicuna_v1 prompt; protocol=lmms_eval runs; the default
     protocol (llava-hf centre crop) refuses padding suppression."""
     common = ["data.limit=4", "logger=none", "figures.enabled=false", "strategy=fastv", "strategy.keep=16"]
-    llava = run_cli(
+    llava = run_program(
         "protocol=llava", "strategy.prior.suppress_padding=true", f"output_dir={tmp_path / 'a'}", *common
     )
     assert llava.returncode == 0, llava.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["prompt"].startswith(f"{VICUNA_SYSTEM} USER: <image>\n") for r in rows)
     assert "protocol llava" in llava.stdout
-    lmms = run_cli("protocol=lmms_eval", f"output_dir={tmp_path / 'b'}", *common)
+    lmms = run_program("protocol=lmms_eval", f"output_dir={tmp_path / 'b'}", *common)
     assert lmms.returncode == 0, lmms.stderr[-3000:]
     assert len((tmp_path / "b" / "predictions.jsonl").read_text().splitlines()) == 4
-    refused = run_cli("strategy.prior.suppress_padding=true", f"output_dir={tmp_path / 'c'}", *common)
+    refused = run_program("strategy.prior.suppress_padding=true", f"output_dir={tmp_path / 'c'}", *common)
     assert refused.returncode != 0 and "these images were not padded to a square" in refused.stderr
