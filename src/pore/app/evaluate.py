@@ -20,6 +20,8 @@ from pore.app.evaluation import predictions as prediction_files
 from pore.app.evaluation.datamodule import BenchmarkDataModule
 from pore.app.evaluation.lock import RunLock
 from pore.app.evaluation.report import FinalMetrics, summary_table
+from pore.app.evaluation.seeds import evaluate_over_seeds, wants_seeds
+from pore.app.evaluation.uncertainty import Statistics, statistics_settings
 from pore.app.preflight import RunPlan, preflight
 from pore.assets import portable
 from pore.data.protocol import processor_pads
@@ -94,16 +96,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     """Run the evaluation; returns the final metrics on global rank 0 (None on other ranks).
 
     Everything checkable without the weights is checked first (`pore.app.preflight`); then global rank 0 takes
-    the folder's lock (one writer per folder) for the whole run."""
+    the folder's lock (one writer per folder) for the whole run. With `seeds=[...]`, a stochastic strategy
+    runs once per seed (`pore.app.evaluation.seeds`)."""
+    if wants_seeds(cfg):
+        return evaluate_over_seeds(cfg, evaluate)
     plan = preflight(cfg)
+    statistics = statistics_settings(cfg)
     output_dir = Path(str(cfg.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(output_dir) if build.is_first_process() else contextlib.nullcontext()
     with lock:
-        return _evaluate(cfg, plan, output_dir)
+        return _evaluate(cfg, plan, output_dir, statistics)
 
 
-def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> dict[str, Any] | None:
+def _evaluate(
+    cfg: DictConfig, plan: RunPlan, output_dir: Path, statistics: Statistics
+) -> dict[str, Any] | None:
     strategy, benchmark, source = plan.strategy, plan.benchmark, plan.source
     check_resumable(cfg, output_dir)
     if build.is_first_process():
@@ -127,6 +135,7 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> dict[str, Any
         max_new_tokens=max_new_tokens,
         adapter=cfg.model.adapter,
         images_padded=images_padded,
+        fidelity=statistics.fidelity,
     )
     skip = prediction_files.done_ids(output_dir)
     datamodule = BenchmarkDataModule(
@@ -152,7 +161,7 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> dict[str, Any
             return run_figures(cfg, output_dir, rows, processor, dataclasses.asdict(strategy))
 
     progress = LiveMetricProgressBar(plan.questions, len(skip), int(cfg.data.batch_size))
-    final = FinalMetrics(benchmark, str(cfg.data.name), output_dir, figures)
+    final = FinalMetrics(benchmark, str(cfg.data.name), output_dir, figures, statistics)
     trainer = build.build_trainer(cfg, logger, [PredictionWriter(output_dir), final, progress])
     build.share_cpu_threads(trainer)
     if logger:

@@ -80,6 +80,9 @@ class PruningMethod(ABC):
     vision_attention: ClassVar[bool] = False
     #: whether the method drops anything at all (`none` does not, and leaves the model untouched)
     prunes: ClassVar[bool] = True
+    #: whether the choice depends on `seed` (a random draw): such a strategy is reported over several
+    #: seeds (`seeds=[0,1,2]`, docs/statistics.md); a deterministic one runs once
+    stochastic: ClassVar[bool] = False
     #: the RoPE positions the method's official code gives the kept tokens (`strategy.positions=official`):
     #: "original" (masking: FastV) or "compact" (the tokens are removed: 0..L'-1, decoding continues from L')
     official_positions: ClassVar[Literal["original", "compact"]] = "original"

@@ -22,6 +22,8 @@ def sample_seed(seed: int, token_ids: torch.Tensor) -> int:
 
 @METHODS.register("random")
 class RandomKeep(PruningMethod):
+    stochastic = True  # another strategy.seed, another draw
+
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         layout = inputs.layout
         scores = torch.empty(layout.seq_index.shape, dtype=torch.float64)

@@ -11,6 +11,7 @@ from torch import nn
 
 from pore import compat
 from pore.adapters import adapter_for
+from pore.app.evaluation.fidelity import first_token_columns, unpruned_first_token_logits
 from pore.data import Benchmark, PromptBatch
 from pore.engine import Pruner
 from pore.flops import prefill_flops
@@ -51,6 +52,7 @@ class VLMEvaluator(L.LightningModule):
         max_new_tokens: int = 16,
         adapter: str | None = None,
         images_padded: bool | None = None,
+        fidelity: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -58,6 +60,8 @@ class VLMEvaluator(L.LightningModule):
         self.strategy = strategy
         self.benchmark = benchmark
         self.max_new_tokens = max_new_tokens
+        # fidelity: one extra unpruned forward per batch for the first token's KL / top-1 agreement
+        self.fidelity = fidelity
         self.adapter = adapter_for(model, adapter)
         # images_padded: whether the preprocessing padded images to a square (padding suppression needs it).
         self.pruner = (
@@ -132,6 +136,11 @@ class VLMEvaluator(L.LightningModule):
             self.pruner.set_image_sizes(batch.image_sizes)
             self.pruner.last_record = None  # a record left by the previous batch must not pass for this one
         prompt_length = inputs["input_ids"].shape[1]
+        pad_token_id = self.processor.tokenizer.pad_token_id
+        reference_logits = None
+        if self.fidelity:  # before the clock starts: the extra forward is not the run's latency
+            reference_logits = unpruned_first_token_logits(self.model, self.pruner, inputs, pad_token_id)
+        extra = {"output_logits": True, "return_dict_in_generate": True} if self.fidelity else {}
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -140,11 +149,16 @@ class VLMEvaluator(L.LightningModule):
             **inputs,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
-            pad_token_id=self.processor.tokenizer.pad_token_id,
+            pad_token_id=pad_token_id,
+            **extra,
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds_per_sample = (time.perf_counter() - started) / len(batch.samples)
+        fidelity: list[dict[str, Any]] = [{}] * len(batch.samples)
+        if self.fidelity:
+            fidelity = first_token_columns(reference_logits, output_ids.logits[0])
+            output_ids = output_ids.sequences
 
         answers = [
             text.strip()
@@ -173,6 +187,7 @@ class VLMEvaluator(L.LightningModule):
                     "seconds": seconds_per_sample,
                     "meta": sample.meta,
                     "error": None,
+                    **fidelity[b],
                 }
             )
         metas = [sample.meta for sample in batch.samples]

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from pore.app.evaluation import predictions
+from pore.app.evaluation.uncertainty import HIGH, LOW, Statistics, is_annotation, run_statistics
 from pore.app.evaluation.writer import read_rank_stats
 from pore.data import Benchmark
 from pore.metrics import METRICS
@@ -84,11 +85,17 @@ def with_earlier_throughput(metrics: dict[str, float], earlier_path: Path) -> di
 
 
 def summary_table(metrics: dict[str, float], title: str) -> str:
-    """A two-column text table of the final metrics."""
-    width = max([len(key) for key in metrics] + [len(title)])
+    """A text table of the final metrics: a value per line, its interval beside it when it has one."""
+    shown = [key for key in metrics if not is_annotation(key)]
+    width = max([len(key) for key in shown] + [len(title)])
     lines = [title, "-" * (width + 14)]
-    for key, value in metrics.items():
-        lines.append(f"{key:<{width}}  {value:>12.4g}")
+    if "ci/level" in metrics:
+        lines.insert(1, f"[low, high]: {100 * metrics['ci/level']:.0f} % bootstrap intervals")
+    for key in shown:
+        line = f"{key:<{width}}  {metrics[key]:>12.4g}"
+        if f"{key}/{LOW}" in metrics:
+            line += f"  [{metrics[f'{key}/{LOW}']:.4g}, {metrics[f'{key}/{HIGH}']:.4g}]"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -101,10 +108,17 @@ class FinalMetrics(Callback):
     """
 
     def __init__(
-        self, benchmark: Benchmark, prefix: str, output_dir: str | Path, figures: FigureMaker | None = None
+        self,
+        benchmark: Benchmark,
+        prefix: str,
+        output_dir: str | Path,
+        figures: FigureMaker | None = None,
+        statistics: Statistics | None = None,
     ) -> None:
         self.benchmark, self.prefix, self.output_dir = benchmark, prefix, Path(output_dir)
         self.figures = figures
+        # intervals and fidelity keys (pore.app.evaluation.uncertainty); None: the defaults
+        self.statistics = statistics or Statistics()
         self.metrics: dict[str, float] | None = None
         self.figure_paths: dict[str, Path] = {}
 
@@ -114,6 +128,7 @@ class FinalMetrics(Callback):
         rows = predictions.read_rows(self.output_dir / predictions.MERGED)
         metrics = benchmark_metrics(self.benchmark, self.prefix, rows)
         metrics.update(efficiency_metrics(rows, read_rank_stats(self.output_dir)))
+        metrics.update(run_statistics(self.benchmark, self.prefix, rows, self.statistics))
         path = self.output_dir / "metrics.json"
         metrics = with_earlier_throughput(metrics, path)
         path.write_text(json.dumps(metrics, indent=2) + "\n")
