@@ -81,6 +81,17 @@ def is_annotation(key: str) -> bool:
     return key.endswith(suffixes) or key.startswith(("ci/", "seeds/"))
 
 
+def headline_key(metrics: dict[str, Any]) -> str | None:
+    """The benchmark's headline value in a metrics.json: its metric's first key after the sample counts
+    (report.py writes the benchmark's keys first); None when there is none."""
+    for key in metrics:
+        if key.startswith(("eff/", f"{FIDELITY}/")) or is_annotation(key):
+            continue
+        if not key.endswith(("/samples", "/failed")):
+            return key
+    return None
+
+
 def _answered(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for row in rows if row.get("error") is None]
 

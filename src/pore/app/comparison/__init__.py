@@ -1,0 +1,1 @@
+"""Comparing finished runs: paired differences, agreement, kept-set overlap, Pareto fronts."""
