@@ -45,8 +45,13 @@ class RunResult:
     @cached_property
     def label(self) -> str:
         from pore.app.viz.runs import run_label
+        from pore.methods import METHODS
 
-        return run_label(self.config, self.strategy)
+        label = run_label(self.config, self.strategy)
+        method = str((self.strategy or {}).get("method", self.config.strategy.get("method", "none")))
+        if method in METHODS and METHODS.get(method).stochastic:  # seeds of one strategy differ by seed
+            label += f", seed {(self.strategy or {}).get('seed', self.config.strategy.get('seed', 0))}"
+        return label
 
     @cached_property
     def benchmark(self) -> Benchmark:

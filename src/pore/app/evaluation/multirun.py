@@ -1,14 +1,21 @@
 """`python src/run.py --multirun ...` ends with one table: a row per job (its overrides, the benchmark's main
-metric, the efficiency numbers), printed and written to `<sweep dir>/summary.csv` and `summary.md`.
+metric with its interval, the efficiency numbers), printed and written to `<sweep dir>/summary.csv` and
+`summary.md`.
 
 A Hydra callback (conf/config.yaml, `hydra.callbacks.summary`). The files are rewritten after every job, so
 they are there even when Hydra stops the sweep at a job that crashed. A job that failed on a bad setting
 (a `UserError`) is a row with its message; the sweep then exits with status 2 after the table.
+
+At the end, each job is compared with the best job of its benchmark on the same questions (paired
+difference, its interval, whether the data tell them apart: `pore.app.comparison.summary`), its answers with
+the unpruned job's when there is one, and the Pareto front of accuracy against prefill TFLOPs is drawn
+(`pareto.png`, `pareto.md`); with `logger=wandb` the table and the figure also go to a W&B run.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +23,24 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pore.errors import USER_ERROR_EXIT
+from pore.app.evaluation.uncertainty import HIGH, LOW, headline_key, interval_key, statistics_settings
+from pore.errors import USER_ERROR_EXIT, UserError
+
+log = logging.getLogger("pore")
 
 EFFICIENCY = ("eff/visual_tokens", "eff/prefill_tflops", "eff/sec_per_sample", "eff/samples_per_sec")
-COLUMNS = ("job", "overrides", "status", "metric", "value", *EFFICIENCY, "output_dir")
+# ci_low / ci_high: the value's bootstrap interval; seed_sd: its spread over seeds (a `seeds=[...]` job)
+VALUE = ("metric", "value", "ci_low", "ci_high", "seed_sd")
+COMPARISON = ("vs_best", "vs_best_ci", "differs_from_best", "agrees_with_unpruned")
+FIDELITY = ("fid/first_token_kl", "fid/first_token_top1")
+COLUMNS = ("job", "overrides", "status", *VALUE, *EFFICIENCY, *COMPARISON, *FIDELITY, "output_dir")
 FAILED_KEY = "error"  # what a job that failed on a user error returns: {"error": message}
 
 
 def main_metric(metrics: dict[str, Any]) -> tuple[str, Any]:
     """The benchmark's headline value: the first metric after its sample counts (see report.py)."""
-    for key, value in metrics.items():
-        if not key.startswith("eff/") and not key.endswith(("/samples", "/failed")):
-            return key, value
-    return "", None
+    key = headline_key(metrics)
+    return ("", None) if key is None else (key, metrics[key])
 
 
 def job_row(number: int, job_return: JobReturn, output_dir: str) -> dict[str, Any]:
@@ -45,7 +57,11 @@ def job_row(number: int, job_return: JobReturn, output_dir: str) -> dict[str, An
     metrics = value if isinstance(value, dict) else {}
     row["status"] = "ok" if metrics else "no metrics"
     row["metric"], row["value"] = main_metric(metrics)
-    for key in EFFICIENCY:
+    if row["metric"]:
+        row["ci_low"] = metrics.get(interval_key(row["metric"], LOW), "")
+        row["ci_high"] = metrics.get(interval_key(row["metric"], HIGH), "")
+        row["seed_sd"] = metrics.get(f"{row['metric']}/seed_sd", "")
+    for key in (*EFFICIENCY, *FIDELITY):
         row[key] = metrics.get(key, "")
     return row
 
@@ -98,6 +114,10 @@ class MultirunSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.folder is None or not self.rows:
             return
+        try:
+            compare_jobs(self.folder, self.rows, config)
+        except UserError as error:  # bad statistics settings: each job already said so
+            log.warning("no comparison of the jobs: %s", error)
         csv_path, md_path = write_summary(self.folder, self.rows)
         print(
             f"\n{len(self.rows)} jobs:\n{markdown(varying(self.rows))}summary: {csv_path} and {md_path}",
@@ -107,3 +127,43 @@ class MultirunSummary(Callback):
         if failed:
             print(f"{len(failed)} of {len(self.rows)} jobs failed (see the status column)", flush=True)
             raise SystemExit(USER_ERROR_EXIT)
+
+
+def compare_jobs(folder: Path, rows: list[dict[str, Any]], config: DictConfig) -> None:
+    """Fill the comparison columns of `rows` and draw the Pareto front of the finished jobs in `folder`."""
+    from pore.app.comparison.pareto import pareto_points, write_pareto
+    from pore.app.comparison.runs import is_run_folder, load_result
+    from pore.app.comparison.summary import versus_best
+
+    settings = statistics_settings(config).bootstrap
+    folders = [
+        Path(row["output_dir"]) if row["status"] == "ok" and row["output_dir"] else None for row in rows
+    ]
+    for index, result in versus_best(folders, settings).items():
+        rows[index].update(result.columns(settings.level))
+    runs = [load_result(path) for path in folders if path is not None and is_run_folder(path)]
+    if not runs:
+        return
+    paths = write_pareto(pareto_points(runs, settings), folder)
+    print(f"Pareto front: {paths['figure']} and {paths['table']}", flush=True)
+    if str(config.logger.kind) == "wandb":
+        log_summary_to_wandb(config, folder, rows, paths["figure"])
+
+
+def log_summary_to_wandb(config: DictConfig, folder: Path, rows: list[dict[str, Any]], figure: Path) -> None:
+    """One W&B run (job type `multirun-summary`) with the summary table and the Pareto figure."""
+    import wandb
+
+    logger = config.logger
+    run = wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        group=logger.group,
+        job_type="multirun-summary",
+        dir=str(folder),
+        mode=str(logger.mode),
+    )
+    shown = varying(rows)
+    table = wandb.Table(columns=list(COLUMNS), data=[[_cell(row[key]) for key in COLUMNS] for row in shown])
+    run.log({"multirun/summary": table, "multirun/pareto": wandb.Image(str(figure))})
+    run.finish()

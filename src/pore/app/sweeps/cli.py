@@ -82,9 +82,10 @@ def show_leaderboard(spec: SweepSpec, folder: SweepDir, args: argparse.Namespace
     entries = leaderboard.load_entries(folder.load(), rank_by)
     columns = [c for c in args.columns.split(",") if c]
     print()
-    print(leaderboard.table(entries, spec, rank_by, maximize, columns, args.top))
+    compared = leaderboard.versus(entries, maximize, rank_by)  # paired with the best: once for both
+    print(leaderboard.table(entries, spec, rank_by, maximize, columns, args.top, compared))
     csv_path = folder.root / "leaderboard.csv"
-    leaderboard.write_csv(csv_path, entries, spec, rank_by, maximize)
+    leaderboard.write_csv(csv_path, entries, spec, rank_by, maximize, compared)
     print(f"\nall trials and metrics: {csv_path}")
     runs = leaderboard.wandb_offline_runs(entries)
     if runs:

@@ -4,6 +4,10 @@ The values are read from each trial's own `metrics.json` (what the W&B logger al
 table is right even for trials whose runner died after the run had finished. A rank key without a `/`
 (e.g. `acc`) is relative to each run's benchmark (`gqa/acc`, `pope_adversarial/acc`, ...): the table is then
 split by benchmark, which is how a grid across benchmarks is read (its runs are not comparable across them).
+
+Each ranked run also shows the bootstrap interval of its value (from its metrics.json) and, when ranking by
+a metric to maximise, its paired difference to the first of its benchmark on the same questions, with the
+interval and whether the data tell the two apart (`pore.app.comparison.summary`, docs/statistics.md).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from pore.app.evaluation.uncertainty import HIGH, LOW, interval_key
 from pore.app.sweeps.spec import SweepSpec, digest
+from pore.stats.bootstrap import BootstrapSettings
 
 OUTPUT_DIR = "output_dir"  # user attribute of every trial: its run folder
 
@@ -100,6 +106,33 @@ def ranked(entries: list[Entry], maximize: bool) -> list[Entry]:
     return sorted(unique, key=lambda e: (e.value is None, sign * (e.value or 0.0), e.number))
 
 
+def versus(entries: list[Entry], maximize: bool, rank_by: str) -> dict[int, Any]:
+    """{trial number: its comparison with the best trial of its benchmark} (empty when minimising: the rank
+    key is then a cost, not a score)."""
+    from pore.app.comparison.summary import versus_best
+
+    if not maximize:
+        return {}
+    best = ranked(entries, maximize)
+    results = versus_best([entry.output_dir for entry in best], BootstrapSettings(), metric=rank_by)
+    return {best[index].number: result for index, result in results.items()}
+
+
+def _interval_cell(entry: Entry) -> str:
+    low, high = (entry.metrics.get(interval_key(entry.key or "", side)) for side in (LOW, HIGH))
+    return "-" if low is None or high is None else f"[{low:.4g}, {high:.4g}]"
+
+
+def _versus_cell(result: Any, level: float) -> str:
+    if result is None:
+        return "-"
+    columns = result.columns(level)
+    if columns["differs_from_best"] == "best":
+        return "best"
+    mark = "*" if columns["differs_from_best"] == "yes" else "(tied)"
+    return f"{columns['vs_best']:+.4g} {columns['vs_best_ci']} {mark}"
+
+
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -107,10 +140,19 @@ def _format(value: Any) -> str:
 
 
 def table(
-    entries: list[Entry], spec: SweepSpec, rank_by: str, maximize: bool, columns: list[str], top: int | None
+    entries: list[Entry],
+    spec: SweepSpec,
+    rank_by: str,
+    maximize: bool,
+    columns: list[str],
+    top: int | None,
+    compared: dict[int, Any] | None = None,
 ) -> str:
-    """Text tables, one per benchmark when the rank key is relative to the benchmark."""
+    """Text tables, one per benchmark when the rank key is relative to the benchmark. `compared`: the
+    trials' comparisons with the best (`versus`), computed when not given."""
     best = ranked(entries, maximize)
+    compared = versus(entries, maximize, rank_by) if compared is None else compared
+    level = BootstrapSettings().level
     groups: dict[str | None, list[Entry]] = {}
     for entry in best:
         groups.setdefault(entry.benchmark if "/" not in rank_by else None, []).append(entry)
@@ -129,7 +171,7 @@ def table(
         lines.append("fixed: " + " ".join(f"{name}={value}" for name, value in fixed.items()))
     for group, members in groups.items():
         header_key = rank_by if group is None else f"{group}/{rank_by}"
-        header = ["rank", "trial", header_key, *swept, *columns]
+        header = ["rank", "trial", header_key, *swept, *columns, "interval", "vs best (paired)"]
         rows = [
             [
                 str(rank),
@@ -137,6 +179,8 @@ def table(
                 "-" if entry.value is None else _format(entry.value),
                 *(_format(entry.params.get(name, "")) for name in swept),
                 *(_format(entry.metrics[c]) if c in entry.metrics else "-" for c in columns),
+                _interval_cell(entry),
+                _versus_cell(compared.get(entry.number), level),
             ]
             for rank, entry in enumerate(members[:top] if top else members, start=1)
         ]
@@ -160,14 +204,38 @@ def table(
     return "\n".join(lines)
 
 
-def write_csv(path: Path, entries: list[Entry], spec: SweepSpec, rank_by: str, maximize: bool) -> None:
-    """Every trial with every metric (pivot it with pandas); completed ones carry their rank."""
+COMPARED = ("vs_best", "vs_best_ci", "differs_from_best", "agrees_with_unpruned")
+
+
+def write_csv(
+    path: Path,
+    entries: list[Entry],
+    spec: SweepSpec,
+    rank_by: str,
+    maximize: bool,
+    compared: dict[int, Any] | None = None,
+) -> None:
+    """Every trial with every metric (pivot it with pandas) and its comparison with the best trial of its
+    benchmark; completed ones carry their rank."""
     rank_of = {entry.number: rank for rank, entry in enumerate(ranked(entries, maximize), start=1)}
+    compared = versus(entries, maximize, rank_by) if compared is None else compared
+    level = BootstrapSettings().level
     metric_keys = sorted({key for entry in entries for key in entry.metrics})
     names = list(spec.parameters)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["rank", "trial", "state", "benchmark", rank_by, *names, *metric_keys, "output_dir"])
+        header = [
+            "rank",
+            "trial",
+            "state",
+            "benchmark",
+            rank_by,
+            *names,
+            *metric_keys,
+            *COMPARED,
+            "output_dir",
+        ]
+        writer.writerow(header)
         for entry in sorted(entries, key=lambda e: (rank_of.get(e.number, math.inf), e.number)):
             writer.writerow(
                 [
@@ -178,9 +246,17 @@ def write_csv(path: Path, entries: list[Entry], spec: SweepSpec, rank_by: str, m
                     "" if entry.value is None else entry.value,
                     *(entry.params.get(name, "") for name in names),
                     *(entry.metrics.get(key, "") for key in metric_keys),
+                    *_compared_cells(compared.get(entry.number), level),
                     entry.output_dir or "",
                 ]
             )
+
+
+def _compared_cells(result: Any, level: float) -> list[Any]:
+    if result is None:
+        return [""] * len(COMPARED)
+    columns = result.columns(level)
+    return [columns[key] for key in COMPARED]
 
 
 def wandb_offline_runs(entries: list[Entry]) -> list[Path]:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from pore.app.viz.figures import COLOURS, KeptSummary, _figure, _save
 
-if TYPE_CHECKING:
-    from pore.app.comparison.pareto import Point
+# A Pareto point is any object with `label`, `benchmark`, `key`, `value`, `low`, `high`, `tflops`,
+# `prefill_ms`, `front_tflops`, `front_time` (pore.app.comparison.pareto.Point: the pictures import nothing
+# from the comparison layer, which imports them).
+Point = Any
 
 KEPT_ROWS_SIZE = (860, 460)
 PARETO_PANEL = (640, 480)
@@ -87,6 +89,7 @@ def _panel(axes, points: Sequence[Point], cost: str, front: str, xlabel: str) ->
         axes.step(xs, ys, where="post", color=COLOURS[0], lw=1.5, alpha=0.7, label="Pareto front")
         axes.legend(fontsize=8, loc="lower right")
     axes.set_xlabel(xlabel)
+    axes.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
     axes.set_ylabel(f"{points[0].key} (bars: bootstrap interval)")
     axes.grid(alpha=0.3)
 
