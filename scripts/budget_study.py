@@ -36,8 +36,8 @@ from hydra import compose, initialize_config_dir
 
 from pore.app.comparison.paired import compare_pair, verdict
 from pore.app.comparison.runs import load_result
-from pore.app.identity import register_resolvers
 from pore.app.evaluate import evaluate
+from pore.app.identity import register_resolvers
 from pore.stats.bootstrap import BootstrapSettings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -265,6 +265,18 @@ def test_pareto_figure_has_one_point_per_run(
     assert (times["fastv"], times["pore"], times["none"], times["keep_all"]) == ("2.0", "2.5", "5.0", "")
 
 
+def test_the_pareto_figure_goes_to_wandb(
+    runs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "pareto"
+    assert compare.main(["--pareto", str(runs["root"]), "--out", str(out), "--wandb"]) == 0
+    offline = sorted((out / "wandb").glob("offline-run-*"))
+    assert offline, "no offline W&B run"
+    images = [p.name for p in (offline[-1] / "files" / "media" / "images").rglob("*.png")]
+    assert any(name.startswith("pareto_") for name in images), images
+
+
 def test_pareto_front_by_hand() -> None:
     values = [0.80, 0.85, 0.70, 0.90, 0.85]
     costs = [1.0, 2.0, 1.5, 3.0, 2.5]
@@ -328,8 +340,13 @@ def test_the_sweep_leaderboard_shows_intervals_and_the_paired_difference(
 
 
 def test_bad_statistics_settings_fail_in_one_line_before_the_weights_load(tmp_path: Path) -> None:
+    other = tmp_path / "other_benchmark"
+    other.mkdir()
+    (other / "predictions.jsonl").write_text("")
+    (other / "config.yaml").write_text("data:\n  name: gqa\n")
     cases = {
         "bootstrap.level=2": "bootstrap.level must be a number between 0 and 1",
+        f"fidelity_reference={other}": "ran data=gqa, this run data=spatial",
         f"fidelity_reference={tmp_path}/missing": "holds no predictions.jsonl",
         "seeds=[1,1]": "seeds must be a list of distinct integers",
     }

@@ -123,6 +123,29 @@ class VLMEvaluator(L.LightningModule):
                 f"{int(in_prompt[b])} image tokens"
             )
 
+    def _timed_generate(
+        self, inputs: dict[str, torch.Tensor], samples: int
+    ) -> tuple[torch.Tensor, float, list[dict[str, Any]]]:
+        """(B, L') generated ids, seconds per sample, and per sample the fidelity columns (empty unless
+        `fidelity`: then one unpruned step runs first, outside the clock)."""
+        pad_token_id = self.processor.tokenizer.pad_token_id
+        reference_logits = None
+        if self.fidelity:  # before the clock starts: the extra forward is not the run's latency
+            reference_logits = unpruned_first_token_logits(self.model, self.pruner, inputs, pad_token_id)
+        extra = {"output_logits": True, "return_dict_in_generate": True} if self.fidelity else {}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        output = self.model.generate(
+            **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_token_id, **extra
+        )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds_per_sample = (time.perf_counter() - started) / samples
+        if not self.fidelity:
+            return output, seconds_per_sample, [{}] * samples
+        return output.sequences, seconds_per_sample, first_token_columns(reference_logits, output.logits[0])
+
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict[str, Any]]:
         rows = [failed_row(failed.question_id, failed.error) for failed in batch.failed]
         self.live_failed += len(batch.failed)
@@ -136,29 +159,7 @@ class VLMEvaluator(L.LightningModule):
             self.pruner.set_image_sizes(batch.image_sizes)
             self.pruner.last_record = None  # a record left by the previous batch must not pass for this one
         prompt_length = inputs["input_ids"].shape[1]
-        pad_token_id = self.processor.tokenizer.pad_token_id
-        reference_logits = None
-        if self.fidelity:  # before the clock starts: the extra forward is not the run's latency
-            reference_logits = unpruned_first_token_logits(self.model, self.pruner, inputs, pad_token_id)
-        extra = {"output_logits": True, "return_dict_in_generate": True} if self.fidelity else {}
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        started = time.perf_counter()
-        output_ids = self.model.generate(
-            **inputs,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_token_id,
-            **extra,
-        )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds_per_sample = (time.perf_counter() - started) / len(batch.samples)
-        fidelity: list[dict[str, Any]] = [{}] * len(batch.samples)
-        if self.fidelity:
-            fidelity = first_token_columns(reference_logits, output_ids.logits[0])
-            output_ids = output_ids.sequences
+        output_ids, seconds_per_sample, fidelity = self._timed_generate(inputs, len(batch.samples))
 
         answers = [
             text.strip()

@@ -141,7 +141,9 @@ def compare_jobs(folder: Path, rows: list[dict[str, Any]], config: DictConfig) -
     ]
     for index, result in versus_best(folders, settings).items():
         rows[index].update(result.columns(settings.level))
-    runs = [load_result(path) for path in folders if path is not None and is_run_folder(path)]
+    # A `seeds=[...]` job's folder holds one run per seed: each is a point of the front.
+    found = [[path] if is_run_folder(path) else sorted(path.glob("seed*")) for path in folders if path]
+    runs = [load_result(path) for paths in found for path in paths if is_run_folder(path)]
     if not runs:
         return
     paths = write_pareto(pareto_points(runs, settings), folder)

@@ -64,7 +64,22 @@ def statistics_settings(cfg: DictConfig) -> Statistics:
                 f"fidelity_reference {str(reference)!r} holds no {predictions.MERGED}: give the output_dir "
                 "of a finished unpruned run (python src/run.py strategy=none ...)"
             )
+        check_reference_data(cfg, reference)
     return Statistics(bootstrap, fidelity, reference)
+
+
+def check_reference_data(cfg: DictConfig, reference: Path) -> None:
+    """The reference run answered the same benchmark (its config.yaml's data.name), or a `UserError`."""
+    saved = reference / "config.yaml"
+    if not saved.exists():
+        return
+    theirs = OmegaConf.select(OmegaConf.load(saved), "data.name", default=None)
+    ours = OmegaConf.select(cfg, "data.name", default=None)
+    if theirs is not None and str(theirs) != str(ours):
+        raise UserError(
+            f"fidelity_reference {str(reference)!r} ran data={theirs}, this run data={ours}: give the "
+            "unpruned run of the same benchmark"
+        )
 
 
 def interval_key(key: str, side: str) -> str:

@@ -133,6 +133,14 @@ def _versus_cell(result: Any, level: float) -> str:
     return f"{columns['vs_best']:+.4g} {columns['vs_best_ci']} {mark}"
 
 
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as text lines, each column padded to its widest cell."""
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -184,15 +192,7 @@ def table(
             ]
             for rank, entry in enumerate(members[:top] if top else members, start=1)
         ]
-        widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-        lines.append("")
-        lines.append(
-            "  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True)).rstrip()
-        )
-        lines += [
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in rows
-        ]
+        lines += ["", *_aligned([header, *rows])]
         if top and len(members) > top:
             lines.append(f"... {len(members) - top} more in leaderboard.csv")
     if not best:
