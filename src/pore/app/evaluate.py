@@ -202,6 +202,15 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path, log_file: RunLog
         write_run_config(cfg, output_dir, strategy)
         write_hydra_record(cfg, output_dir)
         log_file.start(output_dir)
+    log.info(
+        "evaluating %s on %s (%s questions) with strategy %s, protocol %s, into %s",
+        cfg.model.name,
+        cfg.data.name,
+        "an unknown number of" if plan.questions is None else plan.questions,
+        strategy.name,
+        protocol.name,
+        output_dir,
+    )
     if skip:
         log.info("resuming in %s: %d questions already answered are skipped", output_dir, len(skip))
     if logger:
@@ -218,9 +227,9 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path, log_file: RunLog
     table = summary_table(final.metrics, title)
     print(table)
     log_file.write(table)
-    print(f"predictions, metrics and config in {output_dir}")
+    log.info("predictions, metrics and config in %s", output_dir)
     if final.figure_paths:
-        print(f"pictures in {output_dir / 'figures'}: {', '.join(sorted(final.figure_paths))}")
+        log.info("pictures in %s: %s", output_dir / "figures", ", ".join(sorted(final.figure_paths)))
     problem = failure_message(final.rows, max_failed_share(cfg), output_dir)
     if problem:
         log_file.write(f"error: {problem}")
