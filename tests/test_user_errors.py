@@ -87,6 +87,11 @@ CASES = [
         "border); use protocol=llava",
     ),
     (["data.max_failed=2"], "run", "data.max_failed must be a share in [0, 1]"),
+    (
+        ["strategy.keep=[1,2"],
+        "run",
+        "cannot read the override 'strategy.keep=[1,2': no viable alternative at",
+    ),
     (["calibrate.layers=[9]"], "calibrate", "calibrate.layers must name layers K in [1, 3] of this 4-layer"),
     (["calibrate.layers=[a]"], "calibrate", "calibrate.layers must be a list of layer numbers"),
     (["bench.architecture={tmp}/huge.json"], "bench", "GiB of weights in torch.float32, more than this"),

@@ -117,7 +117,7 @@ def composition_message(argv: Sequence[str], conf_dir: Path, config_name: str = 
     """Hydra's own complaint about the whole command line (a value it cannot parse, a key it cannot set,
     a setting added with + that exists), on one line; None when it composes (or is a --multirun sweep,
     composed job by job)."""
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     if _is_multirun(argv):
@@ -125,10 +125,26 @@ def composition_message(argv: Sequence[str], conf_dir: Path, config_name: str = 
     overrides = [token for token in overrides_of(argv) if not token.startswith("hydra")]
     try:
         _composed_settings(conf_dir, config_name, overrides)
+    except OverrideParseException as error:
+        return f"cannot read the override {_unreadable(overrides) or ''!r}: {' '.join(str(error).split())}"
     except (HydraException, OmegaConfBaseException) as error:
         text = " ".join(str(error).split())
         text = text.split(" full_key:", 1)[0]  # OmegaConf's details of where, repeated from the message
         return text.replace("To append to your config use", "to add keys to it, write")
+    return None
+
+
+def _unreadable(overrides: Sequence[str]) -> str | None:
+    """The first override Hydra's grammar cannot read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for token in overrides:
+        try:
+            parser.parse_override(token)
+        except HydraException:  # its grammar errors (OverrideParseException is one)
+            return token
     return None
 
 
