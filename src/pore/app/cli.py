@@ -44,11 +44,18 @@ def main(
     def hydra_main(cfg: DictConfig) -> Any:
         return run_task(task, cfg)
 
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    # A caller's own Hydra (a test's compose fixture, a sweep) is set aside for the program's and put back.
     saved, sys.argv = sys.argv, [program or sys.argv[0], *argv]
+    running = get_gh_backup()
+    GlobalHydra.instance().clear()
     try:
         hydra_main()
     finally:
         sys.argv = saved
+        restore_gh_from_backup(running)
 
 
 def load_plugins(argv: list[str]) -> list[str]:
