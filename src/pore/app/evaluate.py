@@ -151,10 +151,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
             return _evaluate(cfg, plan, output_dir, log_file)
 
 
-def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path, log_file: RunLog) -> dict[str, Any] | None:
-    strategy, benchmark, source = plan.strategy, plan.benchmark, plan.source
-    check_resumable(cfg, output_dir)
+@dataclasses.dataclass
+class Prepared:
+    """A run ready to predict: nothing of it written to its folder yet."""
 
+    trainer: L.Trainer
+    module: VLMEvaluator
+    datamodule: BenchmarkDataModule
+    final: FinalMetrics
+    logger: Any
+    protocol: Any
+    skip: frozenset[str]
+
+
+def prepare(cfg: DictConfig, plan: RunPlan, output_dir: Path) -> Prepared:
+    """The model, the data module, the callbacks and the trainer of the run (the weights load here)."""
+    strategy, benchmark, source = plan.strategy, plan.benchmark, plan.source
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model, processor = build.load_model_and_processor(cfg)
     protocol = build.build_protocol(cfg)
@@ -198,8 +210,14 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path, log_file: RunLog
     final = FinalMetrics(benchmark, str(cfg.data.name), output_dir, figures)
     trainer = build.build_trainer(cfg, logger, [PredictionWriter(output_dir), final, progress])
     build.share_cpu_threads(trainer)
+    return Prepared(trainer, module, datamodule, final, logger, protocol, skip)
+
+
+def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path, log_file: RunLog) -> dict[str, Any] | None:
+    check_resumable(cfg, output_dir)
+    run = prepare(cfg, plan, output_dir)
     if build.is_first_process():  # the run starts: from here on the folder is this run's
-        write_run_config(cfg, output_dir, strategy)
+        write_run_config(cfg, output_dir, plan.strategy)
         write_hydra_record(cfg, output_dir)
         log_file.start(output_dir)
     log.info(
@@ -207,22 +225,30 @@ def _evaluate(cfg: DictConfig, plan: RunPlan, output_dir: Path, log_file: RunLog
         cfg.model.name,
         cfg.data.name,
         "an unknown number of" if plan.questions is None else plan.questions,
-        strategy.name,
-        protocol.name,
+        plan.strategy.name,
+        run.protocol.name,
         output_dir,
     )
-    if skip:
-        log.info("resuming in %s: %d questions already answered are skipped", output_dir, len(skip))
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    if not trainer.is_global_zero:
+    if run.skip:
+        log.info("resuming in %s: %d questions already answered are skipped", output_dir, len(run.skip))
+    if run.logger:
+        run.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    run.trainer.predict(run.module, datamodule=run.datamodule, return_predictions=False)
+    if not run.trainer.is_global_zero:
         return None
+    return report(cfg, plan, run, output_dir, log_file)
+
+
+def report(
+    cfg: DictConfig, plan: RunPlan, run: Prepared, output_dir: Path, log_file: RunLog
+) -> dict[str, Any]:
+    """The summary (console and run.log) on rank 0; fails the run when too many samples failed."""
     if cfg.logger.kind == "wandb":
         import wandb
 
         wandb.finish()
-    title = f"{cfg.model.name} | {cfg.data.name} | {strategy.name} | protocol {protocol.name} "
+    strategy, final = plan.strategy, run.final
+    title = f"{cfg.model.name} | {cfg.data.name} | {strategy.name} | protocol {run.protocol.name} "
     title += f"({strategy.method}, prior {strategy.prior.name})"
     table = summary_table(final.metrics, title)
     print(table)
