@@ -149,9 +149,10 @@ def _unreadable(overrides: Sequence[str]) -> str | None:
 
 
 def command_line_message(argv: Sequence[str], conf_dir: Path, config_name: str = "config") -> str | None:
-    """The first mistake of the command line, in one line (None: Hydra will compose it)."""
-    return (
-        unknown_choice_message(argv, conf_dir)
-        or unknown_key_message(argv, conf_dir, config_name)
-        or composition_message(argv, conf_dir, config_name)
-    )
+    """The first mistake of the command line, in one line (None: Hydra will compose it). One composition
+    when there is none; a mistyped key (which fails the composition) is then named with its neighbours."""
+    choice = unknown_choice_message(argv, conf_dir)
+    if choice or _is_multirun(argv):
+        return choice or unknown_key_message(argv, conf_dir, config_name)
+    problem = composition_message(argv, conf_dir, config_name)
+    return None if problem is None else unknown_key_message(argv, conf_dir, config_name) or problem

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from pore.errors import UserError
+from pore.errors import UserError, one_line
 
 
 def config_dir_of(program: Path) -> Path:
@@ -59,10 +59,11 @@ def composer(config_dir: Path, run_checks: bool = True) -> Iterator[Callable[[li
     register_resolvers()
 
     def check(overrides: list[str]) -> DictConfig:
-        message = precheck.command_line_message(overrides, config_dir)
-        if message:
-            raise UserError(message)
-        composed = hydra.compose("config", overrides=list(overrides), return_hydra_config=True)
+        try:
+            composed = hydra.compose("config", overrides=list(overrides), return_hydra_config=True)
+        except Exception as error:  # the run's command-line check says why, in its words
+            message = precheck.command_line_message(overrides, config_dir)
+            raise UserError(message or one_line(error)) from error
         record = HydraConfig.instance()
         saved = record.cfg
         record.set_config(composed)  # what the run's task sees: its overrides, as typed
