@@ -59,13 +59,14 @@ def read_model_facts(path: str, adapter: str | None = None) -> ModelFacts:
 
 def images_padded(cfg: DictConfig, facts: ModelFacts) -> bool | None:
     """Whether the run pads images to a square: the protocol's variant for this family, or the image
-    processor itself (read from its config, no weights); None when the processor cannot be read."""
+    processor itself (its config files, no weights); None when the processor cannot be read."""
     if build.build_benchmark_protocol(cfg).pads(facts.pads_to_square):
         return True
     try:
-        from transformers import AutoImageProcessor
+        from transformers import AutoProcessor
 
-        return processor_pads(AutoImageProcessor.from_pretrained(str(cfg.model.path)))
+        # The processor the run loads (AutoImageProcessor alone may pick another class, e.g. a fast one).
+        return processor_pads(AutoProcessor.from_pretrained(str(cfg.model.path)).image_processor)
     except Exception:  # e.g. Qwen's processor without torchvision: the pruner checks it once loaded
         return None
 
