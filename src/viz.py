@@ -3,11 +3,12 @@
 python src/viz.py RUN_DIR                         # one run: figures in RUN_DIR/figures
 python src/viz.py RUN_A RUN_B --samples 4         # two strategies side by side (same model and data)
 python src/viz.py RUN_A RUN_B --pick differ       # the samples where the runs' kept tokens differ most
-python src/viz.py RUN_A --ids 17 42 --out figs/   # chosen question ids
+python src/viz.py RUN_A --ids 17 42 --out figs/   # chosen questions (test-000017 or just its number 17)
 
 Writes kept_by_row.png (share of kept tokens in each image row: the figure that shows the bias and its fix),
 kept_map.png (how often each grid cell is kept) and samples.png (the image as the model saw it, dropped
 tokens dimmed, one column per run). The images are read again from the run's data (its config.yaml).
+A folder that is not a finished run, or an id no run answered, ends with one line `error: ...` (status 2).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from pore.app.viz import draw_runs
 from pore.app.viz.runs import load_run
+from pore.errors import UserError, user_errors
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -49,10 +51,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The program; a mistake (a folder that is not a finished run, an unknown id) is one line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    with user_errors():
+        return draw(args)
+
+
+def draw(args: argparse.Namespace) -> int:
     if args.labels is not None and len(args.labels) != len(args.runs):
-        raise SystemExit(f"--labels needs one label per run ({len(args.runs)})")
+        raise UserError(f"--labels needs one label per run ({len(args.runs)}), got {len(args.labels)}")
     labels = args.labels or [None] * len(args.runs)
     runs = [load_run(path, label) for path, label in zip(args.runs, labels, strict=True)]
     out = args.out

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -95,6 +97,14 @@ def run_program(
     return subprocess.CompletedProcess(
         ["src/" + program + ".py", *argv], returncode, stdout.getvalue(), stderr.getvalue()
     )
+
+
+def script_main(name: str) -> Callable[[list[str]], int]:
+    """`main` of the argparse program src/<name>.py (viz, sweep): a script, not part of the package."""
+    spec = importlib.util.spec_from_file_location(f"{name}_command", REPO / "src" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def run_cli(

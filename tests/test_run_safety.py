@@ -1,6 +1,7 @@
 """A run a user can trust: bad settings fail before the weights load with one line (exit 2), one writer per
-run folder, a failed run does not own its folder, reruns keep their numbers, sweeps end with a table, a
-benchmark that fails a setting exits non-zero. Real CLI (`python src/run.py`, `src/bench.py`) on the
+run folder, a failed run does not own its folder and leaves a finished one byte-identical, too many failed
+samples fail the run, reruns keep their numbers, sweeps end with a table, a benchmark that fails a setting
+exits non-zero and warns when its ratios are noise. Real CLI (`python src/run.py`, `src/bench.py`) on the
 shipped tiny model and small parquet files, offline."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipeline_fixtures import OFFLINE_ENV, REPO, RUN, run_cli, run_program, writ
 from pore import build_strategy
 from pore.adapters import ModelFacts
 from pore.app.evaluation.lock import LOCK_NAME
-from pore.app.evaluation.progress import batches_for
+from pore.app.evaluation.progress import batches_for, shown_postfix
 from pore.errors import UserError, user_errors
 
 CALIBRATION = REPO / "assets" / "calibration" / "tiny_llava" / "spatial" / "layer2.json"
@@ -388,3 +389,148 @@ def test_benchmark_settings_that_cannot_work_are_refused_before_the_model_is_bui
             result.stderr[-2000:]
         )
         assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------- a finished run is left alone
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_a_failed_rerun_leaves_a_finished_run_byte_identical(tmp_path: Path) -> None:
+    """Hydra writes nothing into output_dir; the run writes its files (config.yaml, .hydra/, run.log) once
+    it holds the lock and has loaded its model: a rerun that fails before that changes no byte."""
+    out = tmp_path / "finished"
+    first = run_program(*spatial_args(out, "strategy.keep=16"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = snapshot(out)
+    assert {
+        ".hydra/config.yaml",
+        ".hydra/hydra.yaml",
+        ".hydra/overrides.yaml",
+        "config.yaml",
+        "run.log",
+    } <= set(before)
+    log = (out / "run.log").read_text()
+    assert "INFO pore: evaluating tiny_llava on spatial (4 questions) with strategy pore_linear" in log
+    assert "spatial/acc" in log  # the summary table
+    assert "strategy.keep=16" in (out / ".hydra" / "overrides.yaml").read_text()
+    failing = [
+        ["seed=abc"],  # refused before the lock
+        ["strategy.keep=100"],  # refused by the strategy check
+        ["strategy.keep=8"],  # refused after the lock: the folder holds answers of other settings
+        ["trainer.devices=0"],
+        *(
+            [["trainer.accelerator=gpu"], ["model.attn_implementation=flash_attention_2"]]
+            if not gpu()
+            else []
+        ),
+    ]
+    for mistake in failing:
+        result = run_program(*spatial_args(out, "strategy.keep=16"), *mistake)
+        assert result.returncode == 2, (mistake, result.stderr[-2000:])
+        assert snapshot(out) == before, mistake
+    again = run_program(*spatial_args(out, "strategy.keep=16"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "run.log").read_text().startswith(log)  # a rerun appends its own log
+    assert (out / "config.yaml").read_bytes() == before["config.yaml"]
+
+
+def gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_more_failed_samples_than_data_max_failed_fail_the_run(vqa: Path, tmp_path: Path) -> None:
+    corrupt = write_vqa_parquet(tmp_path / "two-bad", samples=12, corrupt=(3, 7))
+    out = tmp_path / "too-many"
+    result = run_program(*vqa_args(corrupt, out))
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: 2 of 12 samples failed, more than data.max_failed=0.05 of them (first errors: 3: unreadable "
+        "image: UnidentifiedImageError: cannot identify image file; 7: unreadable image"
+    )
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 12  # the rows stay
+    assert json.loads((out / "metrics.json").read_text())["vqav2/failed"] == 2
+    allowed = run_program(*vqa_args(corrupt, tmp_path / "allowed", "data.max_failed=0.2"))
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    clean = run_program(*vqa_args(vqa, tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------- what the console shows
+
+
+def test_the_bar_shows_a_running_figure_only_for_the_whole_run() -> None:
+    assert shown_postfix({"acc": "92.0", "failed": "1"}, world_size=1) == {"acc": "92.0", "failed": "1"}
+    assert shown_postfix({"acc": "92.0"}, world_size=2) == {}  # rank 0's share is not the run's
+
+
+def test_lightnings_irrelevant_messages_are_filtered(tmp_path: Path) -> None:
+    """The litlogger tip, the pytree FutureWarning and the batch-indices warning; its other messages stay."""
+    import logging
+    import warnings
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler = Keep()
+    lightning_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run_program(*spatial_args(tmp_path / "quiet", "logger=csv"))
+    finally:
+        lightning_log.removeHandler(handler)
+    assert result.returncode == 0, result.stderr[-3000:]
+    messages = [record.getMessage() for record in records]
+    assert any(message.startswith("GPU available") for message in messages)  # the others still come
+    assert not any("Tip" in message for message in messages)
+    shown = [str(warning.message) for warning in caught]
+    assert not any("LeafSpec" in text or "Couldn't infer the batch indices" in text for text in shown), shown
+
+
+def test_the_bench_warns_when_its_spread_is_larger_than_its_effect() -> None:
+    """A made-up report: the ratios of batch 1 are inside the spread of their timings, those of batch 8 are
+    not."""
+    from pore.app.bench.noise import spread_warning
+    from pore.app.bench.report import comparisons
+
+    def record(batch: int, approach: str, median: float, p10: float, p90: float, **more: object) -> dict:
+        budget = more.pop("budget", 64)
+        return {
+            "batch": batch,
+            "implementation": "sdpa",
+            "approach": approach,
+            "budget": budget,
+            "strategy": more.pop("strategy", None),
+            "status": "ok",
+            "prefill_ms": {"median": median, "p10": p10, "p90": p90},
+        }
+
+    noisy = [
+        record(1, "unpruned", 22.0, 8.8, 61.7),
+        record(1, "ideal", 20.0, 9.0, 300.0, budget=16),
+        record(1, "pruned", 29.1, 10.5, 311.5, budget=16, strategy="fastv"),
+    ]
+    stable = [
+        record(8, "unpruned", 100.0, 98.0, 102.0),
+        record(8, "ideal", 40.0, 39.0, 41.0, budget=16),
+        record(8, "pruned", 41.0, 40.0, 42.0, budget=16, strategy="fastv"),
+    ]
+    assert spread_warning(stable, comparisons(stable)) is None
+    warning = spread_warning(noisy + stable, comparisons(noisy + stable))
+    assert warning is not None and warning.startswith(
+        "in 1 of 2 settings the timings spread (p10-p90) more than the effect they report (e.g. batch 1 sdpa "
+        "fastv keep 16: speed-up 0.76x within a "
+    )
+    assert "ideal speed-up 1.10x within a 1455 % spread" in warning
+    for advice in ("OMP_NUM_THREADS=1", "bench.repeats=30", "bench.architecture=llava15_small"):
+        assert advice in warning

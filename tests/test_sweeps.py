@@ -149,7 +149,7 @@ def test_every_proposed_parameter_set_composes_into_a_valid_config(path: Path, t
     found = proposals(spec)
     if spec.method == "grid":
         assert sorted(map(repr, found)) == sorted(map(repr, spec.grid()))  # each combination exactly once
-    with composer(REPO / "conf") as check:
+    with composer(REPO / "conf", run_checks=False) as check:
         # What a W&B agent runs: the file's command alone, which must log online to the sweep.
         agent = build_command(spec.command, spec.program, found[0], interpreter="python")
         cfg = check(agent[agent.index(spec.program) + 1 :])
@@ -181,7 +181,7 @@ def test_metric_names_are_keys_the_report_writes(path: Path) -> None:
     if spec.metric is not None:
         assert spec.parameters["data"].is_fixed, "a metric key belongs to one benchmark: fix `data`"
     row = {"prediction": "yes", "answers": ["yes"], "meta": {}, "error": None}
-    with composer(REPO / "conf") as check:
+    with composer(REPO / "conf", run_checks=False) as check:
         for data in spec.parameters["data"].values:  # one run's config per benchmark
             params = next(p for p in proposals(spec) if p["data"] == data)
             cfg = check([f"{k}={v}" for k, v in params.items()])
@@ -574,14 +574,20 @@ def test_retry_failed_queues_a_failed_parameter_set_once(tmp_path: Path) -> None
 
 
 def test_dry_run_narrows_a_shipped_file_to_the_tiny_model_and_checks_every_config(sweep_main: Any) -> None:
+    """Each trial is checked as its run will check it (preflight on the composed config): SparseVLM's three
+    stages after layers 3 / 7 / 16 do not fit the 4-layer embedded model, and the dry run says so."""
     grid = str(REPO / "sweeps" / "strategy_grid.yaml")
     status, stdout = sweep_main(
         grid, "--dry-run", "--", "model=tiny_llava", "data=spatial", "strategy.keep=8,16", "data.limit=12"
     )
-    assert status == 0, stdout[-3000:]
     strategies = load_spec(REPO / "sweeps" / "strategy_grid.yaml").parameters["strategy"].values
     proposals = 2 * len(strategies)
-    assert f"{proposals} of {proposals} compose into valid configs" in stdout
+    assert status == 1, stdout[-3000:]
+    assert f"{proposals - 2} of {proposals} pass the checks of their run" in stdout
+    invalid = [line for line in stdout.splitlines() if line.startswith("    INVALID: ")]
+    assert len(invalid) == 2 and all(
+        "strategy.layer=[3, 7, 16] comes from strategy=sparsevlm" in line for line in invalid
+    )
     commands = [line for line in stdout.splitlines() if line.startswith("[")]
     assert len(commands) == proposals
     assert all("data.limit=12" in c and "logger.mode=offline" in c for c in commands)
@@ -589,11 +595,17 @@ def test_dry_run_narrows_a_shipped_file_to_the_tiny_model_and_checks_every_confi
     folder = re.search(r"folder (\S+);", stdout).group(1)
     assert not Path(folder).exists()  # a dry run writes nothing
 
+    fitting = ",".join(name for name in strategies if name != "sparsevlm")
+    status, stdout = sweep_main(
+        grid, "--dry-run", "--", "model=tiny_llava", "data=spatial", f"strategy={fitting}", "strategy.keep=8"
+    )
+    assert status == 0 and f"{len(strategies) - 1} of {len(strategies) - 1} pass" in stdout, stdout[-3000:]
+
     bayes = str(REPO / "sweeps" / "prior_bayes.yaml")
     status, stdout = sweep_main(bayes, "--dry-run", "--trials", "2", "--", "strategy.keep=0")
     assert (
         status == 1
-        and "0 of 2 compose" in stdout
+        and "0 of 2 pass" in stdout
         and "INVALID" in stdout
         and "strategy.keep must be a positive integer" in stdout
     )

@@ -34,7 +34,7 @@ from pore.app.viz.figures import (
     render_kept,
     samples_size,
 )
-from pore.app.viz.runs import kept_summary, load_run, most_different
+from pore.app.viz.runs import kept_summary, load_run, most_different, resolve_ids
 
 VIZ = REPO / "src" / "viz.py"
 
@@ -232,7 +232,29 @@ def test_viz_picks_samples_by_id_and_by_difference(runs: dict[str, Path], tmp_pa
         main([str(runs["fastv"]), "--pick", "differ", "--samples", "1", "--out", str(tmp_path / "one")]) == 0
     )
     assert png_size(tmp_path / "one" / "samples.png") == samples_size(1, 1)
-    with pytest.raises(ValueError, match="not pruned answers"):
+    with pytest.raises(SystemExit) as exited:  # one line, exit status 2
         main([str(runs["fastv"]), "--ids", "no-such-question", "--out", str(tmp_path / "bad")])
+    assert exited.value.code == 2
     metrics = json.loads((runs["calibrated"] / "metrics.json").read_text())
     assert metrics["eff/visual_tokens"] == 8
+
+
+def test_viz_takes_the_number_of_a_question_id_as_its_help_shows(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--ids 3 7` are test-000003 and test-000007 (the ids the spatial benchmark writes); an id no run
+    answered is one line with examples of the real ids."""
+    main = load_viz_command().main
+    available = {row["question_id"] for row in load_run(runs["fastv"]).rows}
+    assert resolve_ids(["3", "test-000007"], available) == ["test-000003", "test-000007"]
+    out = tmp_path / "numbers"
+    assert main([str(runs["fastv"]), "--ids", "3", "7", "--out", str(out)]) == 0
+    assert png_size(out / "samples.png") == samples_size(2, 1)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main([str(runs["fastv"]), "--ids", "99", "--out", str(tmp_path / "bad")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --ids 99: not the id (or the number of the id) of a question every run answered with "
+        "pruning; such ids look like test-000000, test-000001, test-000002\n"
+    )

@@ -19,9 +19,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from pore.app import checks, network
 from pore.app import config as build
+from pore.app.preflight import check_data, read_model_facts
 from pore.calibration.measure import Calibrator, LayerCalibration
-from pore.data import BenchmarkStream, PromptCollator
+from pore.data import Benchmark, BenchmarkStream, PromptCollator, StreamSource
+from pore.errors import UserError, one_line
 from pore.priors.calibrated import LAYER_FILE, save_prior_file
 
 log = logging.getLogger("pore")
@@ -83,16 +86,55 @@ def summary(results: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_calibration(cfg: DictConfig) -> tuple[list[int], Benchmark, StreamSource]:
+    """What the calibration can check before the weights load (as `pore.app.preflight` for a run): the
+    settings, the layers against the model's depth (from its config), the data; a `UserError` otherwise."""
+    checks.check_seed(cfg)
+    checks.check_trainer(cfg.trainer)
+    checks.check_attention(cfg.model, build.uses_gpu(cfg))
+    checks.check_output_dir(Path(str(cfg.output_dir)))
+    checks.check_data_path(cfg.data)
+    try:
+        layers = calibration_layers(cfg)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"calibrate.layers must be a list of layer numbers (e.g. [1,2,3]) or null, got "
+            f"{OmegaConf.select(cfg, 'calibrate.layers')!r}"
+        ) from None
+    try:
+        benchmark, source = build.build_benchmark(cfg)
+        network.offline_unless_reachable([str(cfg.model.path), str(cfg.data.path)])
+        depth = read_model_facts(str(cfg.model.path), cfg.model.adapter).num_layers
+        outside = [layer for layer in layers if depth is not None and not 1 <= layer < depth]
+        if not layers:
+            raise UserError("calibrate.layers is empty; give at least one layer, e.g. calibrate.layers=[2]")
+        if outside:
+            raise UserError(
+                f"calibrate.layers must name layers K in [1, {depth - 1}] of this {depth}-layer language "
+                f"model (pruning before layer K is scored in layer K-1), got {outside}"
+            )
+        check_data(benchmark, source)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError) as error:  # the checks' own messages name the setting
+        raise UserError(one_line(error)) from error
+    return layers, benchmark, source
+
+
 def calibrate(cfg: DictConfig) -> dict[int, Path]:
     """Run the calibration described by `cfg`; returns the prior file written for each layer."""
-    layers = calibration_layers(cfg)
-    benchmark, source = build.build_benchmark(cfg)
+    layers, benchmark, source = check_calibration(cfg)
     output_dir = Path(str(cfg.output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot write into output_dir {output_dir} ({error.strerror or error}); choose a folder you can "
+            "write to"
+        ) from None
     torch.manual_seed(int(cfg.seed))
 
     stream = BenchmarkStream(benchmark, source)
-    stream.check()
     model, processor = build.load_model_and_processor(cfg)
     device = torch.device("cuda" if build.uses_gpu(cfg) else "cpu")
     model.to(device)

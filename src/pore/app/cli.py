@@ -3,7 +3,8 @@
 `main(task, config_name)` is a whole program: it loads the plug-in folders (`plugins=...`, $PORE_PLUGINS) so
 that their presets compose, checks the override keys before Hydra composes (a mistyped key gets the closest
 valid names: Hydra would say "Key 'kep' is not in struct" and suggest `+`), then runs the task under
-`@hydra.main` with user errors as one line and exit status 2. Tests call it in process with an argv.
+`@hydra.main` with user errors as one line and exit status 2. Unknown group choices (`strategy=fastvv`)
+get the valid names the same way (`pore.app.precheck`). Tests call it in process with an argv.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pore import plugins, presets
-from pore.app import identity
-from pore.errors import USER_ERROR_EXIT, UserError, did_you_mean, user_errors
+from pore.app import identity, precheck
+from pore.errors import USER_ERROR_EXIT, UserError, user_errors
 
 log = logging.getLogger("pore")
 
 
 CONFIG_DIR = presets.CONFIG_DIR
-PLUGINS_KEY = "plugins"
+PLUGINS_KEY = precheck.PLUGINS_KEY
 
 
 def main(
@@ -43,11 +44,18 @@ def main(
     def hydra_main(cfg: DictConfig) -> Any:
         return run_task(task, cfg)
 
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    # A caller's own Hydra (a test's compose fixture, a sweep) is set aside for the program's and put back.
     saved, sys.argv = sys.argv, [program or sys.argv[0], *argv]
+    running = get_gh_backup()
+    GlobalHydra.instance().clear()
     try:
         hydra_main()
     finally:
         sys.argv = saved
+        restore_gh_from_backup(running)
 
 
 def load_plugins(argv: list[str]) -> list[str]:
@@ -72,53 +80,13 @@ def load_plugins(argv: list[str]) -> list[str]:
     return [*kept, f"hydra.searchpath=[{','.join([*entries, *added])}]"]
 
 
-def _composed_settings(conf_dir: Path, config_name: str, selections: list[str]) -> dict[str, Any]:
-    """The config `config_name` composed with the group selections only (`strategy=pdrop`, ...): every
-    setting the user may set, inherited ones included; interpolations left unresolved."""
-    from hydra import compose
-
-    presets.register_resolvers()
-    with presets.hydra_on((conf_dir, *presets.config_dirs()[1:])):
-        cfg = compose(config_name, overrides=[*selections, *presets.search_path_override()])
-    return OmegaConf.to_container(cfg, resolve=False)
-
-
-def unknown_key_message(argv: Sequence[str], conf_dir: Path, config_name: str = "config") -> str | None:
-    """A one-line message for the first plain `a.b=value` override whose key the composed config lacks."""
-    tokens = [token for token in argv if not token.startswith("-") and "=" in token]
-    groups = {path.name for path in conf_dir.iterdir() if path.is_dir()}
-    keys = [token.split("=", 1)[0] for token in tokens]
-    selections = [token for token, key in zip(tokens, keys, strict=True) if key in groups or "@" in key]
-    if any("," in token for token in selections):
-        return None  # a sweep over groups (--multirun): Hydra composes and reports each job
-    root = _composed_settings(conf_dir, config_name, selections)
-    for key in keys:
-        if key.startswith(("+", "~", "hydra", PLUGINS_KEY)) or key in groups or "/" in key or "@" in key:
-            continue
-        node: Any = root
-        walked: list[str] = []
-        for part in key.split("."):
-            if not isinstance(node, dict):
-                break
-            if part not in node:
-                where = ".".join(walked)
-                names = sorted(str(name) for name in node)
-                hint = did_you_mean(part, names, prefix=f"{where}." if where else "")
-                full = ".".join([*walked, part])
-                known = f"the settings of {where or 'the run'} are: {', '.join(names)}"
-                if not names:
-                    known = f"{where} has no settings"
-                return f"unknown setting {full}{hint}; {known} (to add a new key, write +{key}=...)"
-            node, walked = node[part], [*walked, part]
-    return None
-
-
 def check_override_keys(
     conf_dir: Path, config_name: str = "config", argv: Sequence[str] | None = None
 ) -> None:
-    """Exit with status 2 and one line when an override names a setting that does not exist."""
+    """Exit with status 2 and one line when the command line names a group choice or a setting that does
+    not exist, or does not compose (`pore.app.precheck`)."""
     try:
-        message = unknown_key_message(sys.argv[1:] if argv is None else argv, conf_dir, config_name)
+        message = precheck.command_line_message(sys.argv[1:] if argv is None else argv, conf_dir, config_name)
     except Exception:  # a config this check cannot read: Hydra composes and reports as usual
         return
     if message:

@@ -11,8 +11,10 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from pore.app import network
 from pore.data import BENCHMARKS, Benchmark, StreamSource
 from pore.data.protocol import BenchmarkProtocol, Protocol
+from pore.errors import UserError, one_line
 from pore.strategy import Strategy
 
 
@@ -25,15 +27,15 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     line is meant as typed: layers are this model's own (a preset's `reference_depth` does not scale them),
     and a prior setting holds for every data set (a preset's `<key>_by_data` table does not replace it)."""
     strategy = Strategy.from_mapping(_plain(cfg.strategy))
-    if _overridden("strategy.layer") and not _overridden("strategy.reference_depth"):
+    if overridden("strategy.layer") and not overridden("strategy.reference_depth"):
         strategy = strategy.replace(layer=strategy.layer)
-    typed = {key for key in strategy.prior.params if _overridden(f"strategy.prior.{key}")}
+    typed = {key for key in strategy.prior.params if overridden(f"strategy.prior.{key}")}
     if typed:
         strategy = strategy.replace(prior={key: strategy.prior.params[key] for key in typed})
     return strategy
 
 
-def _overridden(key: str) -> bool:
+def overridden(key: str) -> bool:
     """Whether `key` was set on the command line (Hydra's task overrides) of this run."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -145,14 +147,16 @@ def load_model_and_processor(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
             path, dtype=model_dtype(cfg), attn_implementation=str(cfg.model.attn_implementation)
         )
     except ImportError as error:
-        raise ImportError(
-            f"cannot build the processor of {path!r}: {error}. Qwen2-VL processors need torchvision in "
-            "transformers 5: pip install -e '.[qwen]'"
+        if "torchvision" not in str(error).lower():
+            raise
+        raise UserError(
+            f"cannot build the processor of {path!r}: {one_line(error)}; Qwen2-VL processors need "
+            "torchvision in transformers 5: pip install -e '.[qwen]'"
         ) from error
     except OSError as error:
-        raise FileNotFoundError(
-            f"cannot load model.path {path!r}: {error}. Without network access, point model.path at a local "
-            "checkpoint folder (save_pretrained / huggingface-cli download)"
+        raise UserError(
+            f"cannot load model.path {path!r} ({one_line(error).split('. ')[0].rstrip('.')}); "
+            f"{network.unreachable_hint(path)}"
         ) from error
     # Batched generation needs every prompt to end at the last position.
     processor.tokenizer.padding_side = "left"
@@ -181,18 +185,26 @@ def build_logger(cfg: DictConfig, output_dir: Path) -> Logger | bool:
 
 
 def build_trainer(cfg: DictConfig, logger: Logger | bool, callbacks: list[Any]) -> L.Trainer:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     trainer = cfg.trainer
-    return L.Trainer(
-        accelerator=str(trainer.accelerator),
-        devices=trainer.devices,
-        strategy=trainer.strategy,
-        num_nodes=int(trainer.num_nodes),
-        logger=logger,
-        callbacks=callbacks,
-        use_distributed_sampler=False,  # the benchmark stream splits itself across ranks and workers
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    try:
+        return L.Trainer(
+            accelerator=str(trainer.accelerator),
+            devices=trainer.devices,
+            strategy=trainer.strategy,
+            num_nodes=int(trainer.num_nodes),
+            logger=logger,
+            callbacks=callbacks,
+            use_distributed_sampler=False,  # the benchmark stream splits itself across ranks and workers
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+    except MisconfigurationException as error:  # what pore.app.checks does not know of Lightning's rules
+        raise UserError(
+            f"Lightning refuses the trainer settings ({one_line(error)}); set trainer.accelerator, "
+            "trainer.devices and trainer.strategy (conf/trainer/) to what this machine has"
+        ) from None
 
 
 def is_first_process() -> bool:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ from pore.app.evaluation import LiveMetricProgressBar, PredictionWriter, VLMEval
 from pore.app.evaluation import predictions as prediction_files
 from pore.app.evaluation.datamodule import BenchmarkDataModule
 from pore.app.evaluation.lock import RunLock
-from pore.app.evaluation.report import FinalMetrics, summary_table
+from pore.app.evaluation.noise import quiet_lightning
+from pore.app.evaluation.report import (
+    FailedSamplesError,
+    FinalMetrics,
+    failure_message,
+    max_failed_share,
+    summary_table,
+)
+from pore.app.evaluation.runlog import RunLog, run_log
 from pore.app.evaluation.seeds import evaluate_over_seeds, wants_seeds
 from pore.app.evaluation.uncertainty import Statistics, statistics_settings
 from pore.app.preflight import RunPlan, preflight
@@ -30,6 +39,7 @@ from pore.strategy import Strategy
 
 log = logging.getLogger("pore")
 IDENTITY = "identity.json"
+HYDRA_RECORD = ".hydra"
 
 
 class SettingsMismatchError(UserError):
@@ -72,8 +82,8 @@ def write_run_config(cfg: DictConfig, output_dir: Path, strategy: Strategy) -> N
 def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
     """Refuse to resume a folder whose answered questions came from other settings.
 
-    A folder without any answered question is free: its stored config (e.g. of a run that failed on a bad
-    setting) is simply replaced."""
+    A folder without any answered question is free: its stored config (e.g. of a run that crashed before
+    answering) is simply replaced."""
     identity_path, saved_path = output_dir / IDENTITY, output_dir / "config.yaml"
     if not (identity_path.exists() or saved_path.exists()) or not prediction_files.done_ids(output_dir):
         return
@@ -92,31 +102,77 @@ def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
         )
 
 
+def write_hydra_record(cfg: DictConfig, output_dir: Path) -> None:
+    """`.hydra/`: the composed config (interpolations kept), the command-line overrides and Hydra's own
+    settings, as Hydra writes them (conf/config.yaml turns Hydra's writing off: it would write them before
+    the run's checks, into a folder the run may not own)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    record = output_dir / HYDRA_RECORD
+    record.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, record / "config.yaml")
+    OmegaConf.save({"hydra": hydra_cfg}, record / "hydra.yaml")
+    OmegaConf.save(list(hydra_cfg.overrides.task), record / "overrides.yaml")
+
+
+@contextlib.contextmanager
+def hold_folder(output_dir: Path) -> Iterator[None]:
+    """The run's folder, created, with its lock held by global rank 0 for the block (one writer)."""
+    lock = RunLock(output_dir) if build.is_first_process() else None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if lock is not None:
+            lock.acquire()
+    except OSError as error:
+        raise UserError(
+            f"cannot write into output_dir {output_dir} ({error.strerror or error}); choose a folder you can "
+            "write to"
+        ) from None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any] | None:
     """Run the evaluation; returns the final metrics on global rank 0 (None on other ranks).
 
     Everything checkable without the weights is checked first (`pore.app.preflight`); then global rank 0 takes
-    the folder's lock (one writer per folder) for the whole run. With `seeds=[...]`, a stochastic strategy
-    runs once per seed (`pore.app.evaluation.seeds`)."""
+    the folder's lock (one writer per folder) for the whole run. The run's files (config.yaml, .hydra/,
+    run.log, ...) are written once the model is loaded and the trainer built, so that a run failing before
+    that point leaves an existing folder as it was. With `seeds=[...]`, a stochastic strategy runs once per
+    seed (`pore.app.evaluation.seeds`)."""
     if wants_seeds(cfg):
         return evaluate_over_seeds(cfg, evaluate)
-    plan = preflight(cfg)
-    statistics = statistics_settings(cfg)
-    output_dir = Path(str(cfg.output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(output_dir) if build.is_first_process() else contextlib.nullcontext()
-    with lock:
-        return _evaluate(cfg, plan, output_dir, statistics)
+    quiet_lightning()
+    with run_log(enabled=build.is_first_process()) as log_file:
+        plan = preflight(cfg)
+        statistics = statistics_settings(cfg)
+        output_dir = Path(str(cfg.output_dir))
+        with hold_folder(output_dir):
+            return _evaluate(cfg, plan, output_dir, log_file, statistics)
 
 
-def _evaluate(
-    cfg: DictConfig, plan: RunPlan, output_dir: Path, statistics: Statistics
-) -> dict[str, Any] | None:
+@dataclasses.dataclass
+class Prepared:
+    """A run ready to predict: nothing of it written to its folder yet."""
+
+    trainer: L.Trainer
+    module: VLMEvaluator
+    datamodule: BenchmarkDataModule
+    final: FinalMetrics
+    logger: Any
+    protocol: Any
+    skip: frozenset[str]
+
+
+def prepare(cfg: DictConfig, plan: RunPlan, output_dir: Path, statistics: Statistics) -> Prepared:
+    """The model, the data module, the callbacks and the trainer of the run (the weights load here)."""
     strategy, benchmark, source = plan.strategy, plan.benchmark, plan.source
-    check_resumable(cfg, output_dir)
-    if build.is_first_process():
-        write_run_config(cfg, output_dir, strategy)
-
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model, processor = build.load_model_and_processor(cfg)
     protocol = build.build_protocol(cfg)
@@ -148,9 +204,6 @@ def _evaluate(
         conversation=protocol.conversation_for(adapter.name),
         pad_to_square=pad_to_square,
     )
-    if skip:
-        log.info("resuming in %s: %d questions already answered are skipped", output_dir, len(skip))
-
     logger = build.build_logger(cfg, output_dir)
     figures = None
     if strategy.prunes:
@@ -164,19 +217,56 @@ def _evaluate(
     final = FinalMetrics(benchmark, str(cfg.data.name), output_dir, figures, statistics)
     trainer = build.build_trainer(cfg, logger, [PredictionWriter(output_dir), final, progress])
     build.share_cpu_threads(trainer)
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    if not trainer.is_global_zero:
+    return Prepared(trainer, module, datamodule, final, logger, protocol, skip)
+
+
+def _evaluate(
+    cfg: DictConfig, plan: RunPlan, output_dir: Path, log_file: RunLog, statistics: Statistics
+) -> dict[str, Any] | None:
+    check_resumable(cfg, output_dir)
+    run = prepare(cfg, plan, output_dir, statistics)
+    if build.is_first_process():  # the run starts: from here on the folder is this run's
+        write_run_config(cfg, output_dir, plan.strategy)
+        write_hydra_record(cfg, output_dir)
+        log_file.start(output_dir)
+    log.info(
+        "evaluating %s on %s (%s questions) with strategy %s, protocol %s, into %s",
+        cfg.model.name,
+        cfg.data.name,
+        "an unknown number of" if plan.questions is None else plan.questions,
+        plan.strategy.name,
+        run.protocol.name,
+        output_dir,
+    )
+    if run.skip:
+        log.info("resuming in %s: %d questions already answered are skipped", output_dir, len(run.skip))
+    if run.logger:
+        run.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    run.trainer.predict(run.module, datamodule=run.datamodule, return_predictions=False)
+    if not run.trainer.is_global_zero:
         return None
+    return report(cfg, plan, run, output_dir, log_file)
+
+
+def report(
+    cfg: DictConfig, plan: RunPlan, run: Prepared, output_dir: Path, log_file: RunLog
+) -> dict[str, Any]:
+    """The summary (console and run.log) on rank 0; fails the run when too many samples failed."""
     if cfg.logger.kind == "wandb":
         import wandb
 
         wandb.finish()
-    title = f"{cfg.model.name} | {cfg.data.name} | {strategy.name} | protocol {protocol.name} "
+    strategy, final = plan.strategy, run.final
+    title = f"{cfg.model.name} | {cfg.data.name} | {strategy.name} | protocol {run.protocol.name} "
     title += f"({strategy.method}, prior {strategy.prior.name})"
-    print(summary_table(final.metrics, title))
-    print(f"predictions, metrics and config in {output_dir}")
+    table = summary_table(final.metrics, title)
+    print(table)
+    log_file.write(table)
+    log.info("predictions, metrics and config in %s", output_dir)
     if final.figure_paths:
-        print(f"pictures in {output_dir / 'figures'}: {', '.join(sorted(final.figure_paths))}")
+        log.info("pictures in %s: %s", output_dir / "figures", ", ".join(sorted(final.figure_paths)))
+    problem = failure_message(final.rows, max_failed_share(cfg), output_dir)
+    if problem:
+        log_file.write(f"error: {problem}")
+        raise FailedSamplesError(problem)
     return final.metrics

@@ -17,8 +17,8 @@ from pore.assets import portable
 
 # Settings that change what the model answers: a run folder is only resumed with the same values.
 RUN_IDENTITY = ("model", "data", "strategy", "protocol", "max_new_tokens")
-# Data settings that only change how fast rows are read, not which rows or answers.
-DATA_LOGISTICS = ("batch_size", "num_workers")
+# Data settings that only change how fast rows are read (or when a run gives up), not which rows or answers.
+DATA_LOGISTICS = ("batch_size", "num_workers", "max_failed")
 
 
 def _plain(node: Any) -> Any:

@@ -4,22 +4,27 @@ From the composed config: the strategy's keys and values, the benchmark and its 
 columns the benchmark needs are there, there is at least one row), the dtype and the logger; against the
 model's *config* (`AutoConfig`, a small JSON file, no weights): the strategy's layers against the language
 model's depth (presets written for another depth are scaled here, see `Strategy.reference_depth`) and its
-budgets against the image-token count when that is fixed (LLaVA-1.5). A failed check raises a `UserError`:
-one line, exit status 2, nothing written.
+budgets against the image-token count when that is fixed (LLaVA-1.5), and padding suppression against the
+run's preprocessing (the image processor's config). A hub id is only asked for when the hub is reachable
+(`pore.app.network`). A failed check raises a `UserError`: one line, exit status 2, nothing written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from pore.adapters import ModelFacts, adapter_class_for_config
+from pore.app import checks, network
 from pore.app import config as build
 from pore.data import Benchmark, DataError, StreamSource
 from pore.data.loading import column_names, count_rows, open_stream
-from pore.errors import UserError
+from pore.data.protocol import processor_pads
+from pore.errors import UserError, one_line
 from pore.strategy import Strategy
 
 log = logging.getLogger("pore")
@@ -45,11 +50,44 @@ def read_model_facts(path: str, adapter: str | None = None) -> ModelFacts:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
+        reason = one_line(error).split(". ")[0].rstrip(".")
         raise UserError(
-            f"cannot read the config of model.path {path!r}: {error}. Without network access, point "
-            "model.path at a local checkpoint folder (save_pretrained / huggingface-cli download)"
+            f"cannot read the config of model.path {path!r} ({reason}); {network.unreachable_hint(path)}"
         ) from None
     return adapter_class_for_config(config, adapter).facts(config)
+
+
+def images_padded(cfg: DictConfig, facts: ModelFacts) -> bool | None:
+    """Whether the run pads images to a square: the protocol's variant for this family, or the image
+    processor itself (its config files, no weights); None when the processor cannot be read."""
+    if build.build_benchmark_protocol(cfg).pads(facts.pads_to_square):
+        return True
+    try:
+        from transformers import AutoProcessor
+
+        # The processor the run loads (AutoImageProcessor alone may pick another class, e.g. a fast one).
+        return processor_pads(AutoProcessor.from_pretrained(str(cfg.model.path)).image_processor)
+    except Exception:  # e.g. Qwen's processor without torchvision: the pruner checks it once loaded
+        return None
+
+
+def layer_origin(error: ValueError, cfg: DictConfig, strategy: Strategy, facts: ModelFacts) -> str:
+    """The strategy's complaint, and where a layer the user never typed came from (a preset written for
+    another depth) with the layers that fit this model."""
+    message = one_line(error)
+    if not message.startswith("strategy.layer must be in") or build.overridden("strategy.layer"):
+        return message
+    stages, lowest = len(strategy.layers), strategy.lowest_layer
+    room = (facts.num_layers or 0) - lowest
+    fix = (
+        f"give this model's layers, e.g. 'strategy.layer={list(range(lowest, lowest + stages))}'"
+        if stages <= room
+        else f"this model has room for {room} stages: give fewer layers (and one keep or ratio per stage)"
+    )
+    return (
+        f"{message}: strategy.layer={list(strategy.layers)} comes from strategy={cfg.strategy.name}, "
+        f"written for a deeper model; {fix}"
+    )
 
 
 def check_data(benchmark: Benchmark, source: StreamSource) -> None:
@@ -76,6 +114,12 @@ def check_data(benchmark: Benchmark, source: StreamSource) -> None:
 
 def check_settings(cfg: DictConfig) -> None:
     """Settings read after the weights load: checked now, with the setting's name."""
+    checks.check_seed(cfg)
+    checks.check_trainer(cfg.trainer)
+    checks.check_attention(cfg.model, build.uses_gpu(cfg))
+    checks.check_output_dir(Path(str(cfg.output_dir)))
+    checks.check_data_path(cfg.data)
+    checks.check_max_failed(cfg.data)
     build.model_dtype(cfg)
     kind = str(cfg.logger.kind)
     if kind not in LOGGER_KINDS:
@@ -100,8 +144,14 @@ def preflight(cfg: DictConfig) -> RunPlan:
             data=str(cfg.data.name)
         )  # what needs no model: said before the model's config is read
         benchmark, source = build.build_benchmark(cfg)
+        network.offline_unless_reachable([str(cfg.model.path), str(cfg.data.path)])
         facts = read_model_facts(str(cfg.model.path), cfg.model.adapter)
-        resolved = strategy.resolve(facts, data=str(cfg.data.name))
+        if strategy.prior.suppress_padding:
+            facts = dataclasses.replace(facts, images_padded=images_padded(cfg, facts))
+        try:
+            resolved = strategy.resolve(facts, data=str(cfg.data.name))
+        except ValueError as error:
+            raise UserError(layer_origin(error, cfg, strategy, facts)) from error
         if resolved.layers != strategy.layers:
             log.info(
                 "strategy.layer %s is written for a %d-layer language model: pruning before layers %s "
@@ -115,7 +165,7 @@ def preflight(cfg: DictConfig) -> RunPlan:
     except UserError:
         raise
     except (ValueError, FileNotFoundError) as error:  # the checks' own messages name the setting
-        raise UserError(_one_line(error)) from error
+        raise UserError(one_line(error)) from error
     return RunPlan(resolved, benchmark, source, facts, count_questions(benchmark, source))
 
 
@@ -127,7 +177,3 @@ def count_questions(benchmark: Benchmark, source: StreamSource) -> int | None:
     if source.limit is None:
         return rows
     return source.limit if rows is None else min(rows, source.limit)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

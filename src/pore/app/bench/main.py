@@ -17,7 +17,7 @@ from pore.app.bench.report import build_report, render, write_report
 from pore.app.bench.runner import Runner
 from pore.app.bench.settings import BenchSettings
 from pore.app.bench.workload import image_geometry
-from pore.errors import UserError
+from pore.errors import UserError, one_line
 
 log = logging.getLogger("pore.bench")
 
@@ -85,12 +85,17 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
         architecture = resolve_architecture(
             settings.architecture, str(model.name), None if path is None else str(path)
         )
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        raise UserError(" ".join(str(error).split())) from error
+        device = settings.torch_device()
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as error:
+        raise UserError(one_line(error)) from error
     check_plan(settings, architecture)
-    device = settings.torch_device()
     output = settings.output or default_output(architecture.name, device.type)
     settings = dataclasses.replace(settings, output=output)
+    runner = Runner(settings, architecture)
+    try:
+        runner._check_fits()  # the weights must fit the device: said before anything is built
+    except RuntimeError as error:
+        raise UserError(one_line(error)) from None
     log.info(
         "benchmarking %s (%s) on %s: batches %s, budgets %s, K = %d",
         architecture.name,
@@ -100,11 +105,12 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
         list(settings.budgets),
         settings.layer,
     )
-    runner = Runner(settings, architecture)
     report = build_report(runner.run(), runner.device, settings.targets)
     json_path, table_path = write_report(report, output)
-    print(render(report))
+    print(render(report, warnings=False))  # the warnings go to stderr, below
     print(f"\nreport: {json_path}\ntable:  {table_path}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     failed = failed_cells(report)
     if failed:
         raise CellsFailed(

@@ -14,6 +14,8 @@ Definitions (medians over repeats; "unpruned" and "ideal" are from the same batc
 - memory ratio = pruned peak / unpruned peak (device allocator high-water mark; GPU only);
 - eager FastV: its prefill, its speed-up over the same unpruned reference, and ours vs it = eager FastV
   prefill / ours (> 1: ours is faster).
+
+A ratio smaller than the spread of its timings is noise: the report warns (`pore.app.bench.noise`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 import transformers
 
+from pore.app.bench.noise import spread_warning
 from pore.app.bench.settings import Targets
 from pore.assets import REPOSITORY
 
@@ -320,12 +323,14 @@ def build_report(summary: dict[str, Any], device: torch.device, targets: Targets
         "H100" in gpu and summary["model"]["name"] == "llava15_7b" and summary["settings"]["layer"] == 2
     )
     note = "informational: the targets are defined for an H100 and the LLaVA-1.5-7B architecture with K = 2"
+    warning = spread_warning(summary["results"], rows)
     return {
         "schema": SCHEMA,
         "environment": env,
         **summary,
         "comparisons": rows,
         "targets": check_targets(rows, targets, is_target_run, note),
+        "warnings": [] if warning is None else [warning],
     }
 
 
@@ -343,7 +348,8 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
-def render(report: dict[str, Any]) -> str:
+def render(report: dict[str, Any], warnings: bool = True) -> str:
+    """The report as text: title, table, vision tower, targets and (`warnings`) the noise warning."""
     env, model = report["environment"], report["model"]
     where = (env.get("gpu") or {}).get("name") or f"CPU ({env['processor']}, {env['torch_threads']} threads)"
     title = (
@@ -368,4 +374,6 @@ def render(report: dict[str, Any]) -> str:
             "vision tower (the same in every setting; pruning cannot shorten it): " + ", ".join(vision)
         )
     parts.append(targets_text(report["targets"]))
+    if warnings:
+        parts += [f"warning: {warning}" for warning in report.get("warnings", [])]
     return "\n\n".join(parts)

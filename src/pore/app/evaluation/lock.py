@@ -3,7 +3,8 @@
 The lock file is created atomically (O_CREAT | O_EXCL) and holds the owner's pid, host and start time. A
 second run into the same folder is refused while the owner lives; a lock left by a process that died on
 this host (killed, out of memory) is taken over. A lock from another host cannot be checked from here: it
-is refused, and the message says which file to delete once that run is known to be gone.
+is refused, and the message says which file to delete once that run is known to be gone. A file that is
+not a lock of this program (garbage, or empty for more than a second) is refused with what it holds.
 
 Under DDP only global rank 0 takes the lock: the ranks of one run share its folder.
 """
@@ -21,6 +22,9 @@ from typing import Any
 from pore.errors import UserError
 
 LOCK_NAME = "run.lock"
+ATTEMPTS = 40  # tries to take the lock: a released or stale lock is retried, one being written waited for
+WRITE_WAIT_S = 0.05
+FRESH_S = 1.0
 
 
 class FolderInUseError(UserError):
@@ -38,12 +42,19 @@ def _alive(pid: int) -> bool:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """The lock's owner; None when there is no lock, {} when its content is not an owner (being written
+    right now, or not a lock of this program)."""
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # being written right now, or not ours: treated as held
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _is_owner(holder: dict[str, Any]) -> bool:
+    return isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str)
 
 
 class RunLock:
@@ -60,13 +71,18 @@ class RunLock:
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        for _ in range(3):
+        for _ in range(ATTEMPTS):
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read(self.path)
                 if holder is None:
                     continue  # released in between: try again
+                if not _is_owner(holder):
+                    if self._being_written():
+                        time.sleep(WRITE_WAIT_S)
+                        continue
+                    raise FolderInUseError(self._foreign_message()) from None
                 if self._stale(holder):
                     with contextlib.suppress(FileNotFoundError):
                         self.path.unlink()
@@ -76,13 +92,31 @@ class RunLock:
                 json.dump(owner, handle)
             self.held = True
             return self
-        raise FolderInUseError(self._message(_read(self.path) or {}))
+        holder = _read(self.path) or {}
+        raise FolderInUseError(self._message(holder) if _is_owner(holder) else self._foreign_message())
 
     @staticmethod
     def _stale(holder: dict[str, Any]) -> bool:
         """A lock of a process of this host that no longer exists."""
         pid = holder.get("pid")
         return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+
+    def _being_written(self) -> bool:
+        """A lock file younger than a second without its owner yet: another run is writing it right now."""
+        try:
+            return time.time() - self.path.stat().st_mtime < FRESH_S
+        except FileNotFoundError:
+            return True
+
+    def _foreign_message(self) -> str:
+        try:
+            content = self.path.read_text(errors="replace")[:40]
+        except OSError as error:
+            content = f"<unreadable: {error.strerror}>"
+        return (
+            f"{self.path} is not a lock written by this program (it holds {content!r}, not a pid, host and "
+            f"start time); if no run is writing into {self.path.parent}, delete {self.path} and run again"
+        )
 
     def _message(self, holder: dict[str, Any]) -> str:
         who = (

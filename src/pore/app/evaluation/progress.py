@@ -1,4 +1,5 @@
-"""A progress bar with a total and an ETA, showing the running accuracy of the samples answered so far.
+"""A progress bar with a total and an ETA, showing the running accuracy of the samples answered so far
+(in a one-process run; with several processes, none: see `shown_postfix`).
 
 The benchmark is a stream (no `len`), so Lightning alone shows `0/?`. The run counts its questions before
 the weights load (`pore.data.loading.count_rows`: parquet metadata of a local folder, or `data.limit`) and
@@ -25,6 +26,13 @@ def batches_for(total: int | None, skipped: int, world_size: int, batch_size: in
         return None
     remaining = max(0, total - skipped)
     return math.ceil(math.ceil(remaining / max(1, world_size)) / max(1, batch_size))
+
+
+def shown_postfix(postfix: dict[str, str], world_size: int) -> dict[str, str]:
+    """The running figures the bar shows: this process's are the run's only when it is the only process.
+    With several (DDP), rank 0 has answered only its share of the questions, so its accuracy is not the
+    run's: the bar shows none (the summary at the end gives the run's, from every rank's rows)."""
+    return dict(postfix) if world_size == 1 else {}
 
 
 class LiveMetricProgressBar(TQDMProgressBar):
@@ -61,4 +69,5 @@ class LiveMetricProgressBar(TQDMProgressBar):
     ) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         if hasattr(pl_module, "live_postfix") and self.predict_progress_bar is not None:
-            self.predict_progress_bar.set_postfix(pl_module.live_postfix(), refresh=False)
+            shown = shown_postfix(pl_module.live_postfix(), trainer.world_size)
+            self.predict_progress_bar.set_postfix(shown, refresh=False)

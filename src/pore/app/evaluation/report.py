@@ -18,6 +18,7 @@ from pore.app.evaluation import predictions
 from pore.app.evaluation.uncertainty import HIGH, LOW, Statistics, is_annotation, run_statistics
 from pore.app.evaluation.writer import read_rank_stats
 from pore.data import Benchmark
+from pore.errors import UserError
 from pore.metrics import METRICS
 
 log = logging.getLogger("pore")
@@ -64,6 +65,41 @@ def efficiency_metrics(rows: list[dict[str, Any]], rank_stats: list[dict[str, An
         if memory:
             results["eff/peak_mem_gb"] = max(memory)
     return results
+
+
+DEFAULT_MAX_FAILED = 0.05  # data.max_failed when a config has none (run folders written before it existed)
+SHOWN_ERRORS = 3
+
+
+class FailedSamplesError(UserError):
+    """Too many samples of the run could not be run (or none was scored): its numbers would mislead."""
+
+
+def max_failed_share(cfg: Any) -> float:
+    share = cfg.data.get("max_failed") if cfg.get("data") is not None else None
+    return DEFAULT_MAX_FAILED if share is None else float(share)
+
+
+def failure_message(rows: list[dict[str, Any]], max_failed: float, output_dir: Path) -> str | None:
+    """Why the run must fail: no sample scored, or more than `max_failed` of them failed; None if fine.
+    The message gives the count and the first errors; the rows stay in predictions.jsonl."""
+    failed = [row for row in rows if row.get("error") is not None]
+    if rows and len(failed) <= max_failed * len(rows) and len(failed) < len(rows):
+        return None
+    shown = "; ".join(f"{row['question_id']}: {row['error']}" for row in failed[:SHOWN_ERRORS])
+    more = ", ..." if len(failed) > SHOWN_ERRORS else ""
+    where = f"the rows are in {output_dir / predictions.MERGED}"
+    if not rows:
+        return f"no sample was scored: the data gave no rows; {where}"
+    head = (
+        f"no sample was scored: all {len(rows)} samples failed"
+        if len(failed) == len(rows)
+        else f"{len(failed)} of {len(rows)} samples failed, more than data.max_failed={max_failed:g} of them"
+    )
+    return (
+        f"{head} (first errors: {shown}{more}); fix the data (data.path, its image column) and run into "
+        f"another output_dir, or allow more with data.max_failed; {where}"
+    )
 
 
 # Measured by the process that answered the questions; a rerun that answers none cannot measure them.
@@ -120,12 +156,14 @@ class FinalMetrics(Callback):
         # intervals and fidelity keys (pore.app.evaluation.uncertainty); None: the defaults
         self.statistics = statistics or Statistics()
         self.metrics: dict[str, float] | None = None
+        self.rows: list[dict[str, Any]] = []  # the merged rows the metrics were computed from
         self.figure_paths: dict[str, Path] = {}
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         rows = predictions.read_rows(self.output_dir / predictions.MERGED)
+        self.rows = rows
         metrics = benchmark_metrics(self.benchmark, self.prefix, rows)
         metrics.update(efficiency_metrics(rows, read_rank_stats(self.output_dir)))
         metrics.update(run_statistics(self.benchmark, self.prefix, rows, self.statistics))

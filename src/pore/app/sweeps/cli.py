@@ -13,6 +13,7 @@ from pore.app.sweeps.runner import Options, Runner, budget, identity, program_pa
 from pore.app.sweeps.spec import SweepSpec, SweepSpecError, load_spec
 from pore.app.sweeps.state import SweepDir, SweepStateError, default_dir, trial_dir_name
 from pore.app.sweeps.validate import composer, config_dir_of
+from pore.errors import UserError, one_line
 
 EPILOG = """
 examples:
@@ -112,10 +113,13 @@ def dry_run(spec: SweepSpec, folder: SweepDir, args: argparse.Namespace, options
             try:
                 # As the trial's src/run.py does: its plug-in folders first (plugins=, $PORE_PLUGINS).
                 check(load_plugins(argv[argv.index(runner.program) + 1 :]))
-            except Exception as error:  # Hydra's and the strategy's errors say what is wrong
+            except UserError as error:  # what the trial would end with, one line
                 failures += 1
-                print(f"    INVALID: {type(error).__name__}: {error}")
-    print(f"{total - failures} of {total} compose into valid configs")
+                print(f"    INVALID: {one_line(error)}")
+            except Exception as error:  # Hydra's own errors say what is wrong
+                failures += 1
+                print(f"    INVALID: {type(error).__name__}: {one_line(error)}")
+    print(f"{total - failures} of {total} pass the checks of their run (composed, then preflight)")
     return 1 if failures else 0
 
 

@@ -20,7 +20,7 @@ OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[A-Za-z_][\w.\-/@]*)(?:=(
 # Overrides that change how fast a run goes or where it logs, not its answers
 # (pore.app.identity.DATA_LOGISTICS for data; the trainer; the logger): left out of a sweep's identity, so a
 # sweep resumes on a machine with another number of GPUs, another batch size or another logger.
-LOGISTICS = ("data.batch_size", "data.num_workers")
+LOGISTICS = ("data.batch_size", "data.num_workers", "data.max_failed")
 LOGISTICS_GROUPS = ("trainer", "logger", "hydra")
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from pore.assets import REPOSITORY
+
 Scalar = str | int | float | bool
 
 METHODS = ("grid", "random", "bayes")
@@ -336,6 +338,13 @@ def _parse_spec(raw: Any, source: str | None) -> SweepSpec:
 
 def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
+    if not path.is_file():
+        shipped = sorted(f"sweeps/{file.name}" for file in (REPOSITORY / "sweeps").glob("*.yaml"))
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise SweepSpecError(
+            f"sweep file {path} {what}; give a W&B sweep file (the shipped ones: {', '.join(shipped)}; run "
+            "from the repository root)"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pore.app.evaluation import predictions as prediction_files
 from pore.app.evaluation.predictions import STRATEGY_FILE
 from pore.app.viz.figures import KeptSummary, SampleView
+from pore.errors import UserError
 
 log = logging.getLogger("pore")
 
@@ -103,12 +105,20 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     """A finished (or partial) run folder."""
     path = Path(path)
     config_path = path / "config.yaml"
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder; give the output_dir of an evaluation run")
     if not config_path.exists():
-        raise FileNotFoundError(f"{path} has no config.yaml: is it an evaluation's output_dir?")
+        raise UserError(
+            f"{path} is not the output_dir of an evaluation run (it has no config.yaml; a run writes it when "
+            "it starts answering); give the folder of a run"
+        )
     config = OmegaConf.load(config_path)
     rows = [row for row in prediction_files.all_rows(path) if row.get("error") is None]
     if not rows:
-        raise ValueError(f"{path} has no answered predictions")
+        raise UserError(
+            f"{path} has no answered question to draw (its run failed or has not answered yet: see "
+            f"{path / 'run.log'}); rerun it, or give a finished run"
+        )
     ran_path = path / STRATEGY_FILE
     ran = json.loads(ran_path.read_text()) if ran_path.exists() else None
     return Run(path, config, rows, label or run_label(config, ran), model_grid(config, rows))
@@ -135,6 +145,36 @@ def pruned_ids(runs: Sequence[Run]) -> list[str]:
         ids = {row["question_id"] for row in run.rows if _images_of(row)}
         common = ids if common is None else common & ids
     return sorted(common or [])
+
+
+def _number(question_id: str) -> int | None:
+    """The number a question id ends with (`test-000017` -> 17), None without one."""
+    digits = re.search(r"(\d+)$", question_id)
+    return None if digits is None else int(digits.group(1))
+
+
+def resolve_ids(given: Sequence[str], available: set[str]) -> list[str]:
+    """The question ids the user means: an id as the predictions write it, or just its number (`17` for
+    `test-000017`) when exactly one answered id ends with that number."""
+    by_number: dict[int, list[str]] = {}
+    for qid in available:
+        number = _number(qid)
+        if number is not None:
+            by_number.setdefault(number, []).append(qid)
+    resolved, unknown = [], []
+    for qid in given:
+        matches = [qid] if qid in available else by_number.get(_number(qid), []) if qid.isdigit() else []
+        if len(matches) == 1:
+            resolved.append(matches[0])
+        else:
+            unknown.append(qid)
+    if unknown:
+        examples = sorted(available)[:3]
+        raise UserError(
+            f"--ids {' '.join(unknown)}: not the id (or the number of the id) of a question every run "
+            f"answered with pruning; such ids look like {', '.join(examples) or '(none: nothing was pruned)'}"
+        )
+    return resolved
 
 
 def most_different(runs: Sequence[Run], count: int) -> list[str]:
@@ -220,11 +260,7 @@ def sample_views(
     available = set(pruned_ids(runs))
     wanted: set[str] | None
     if ids is not None:
-        ids = [str(qid) for qid in ids]
-        missing = [qid for qid in ids if qid not in available]
-        if missing:
-            raise ValueError(f"question ids {missing} are not pruned answers of every run")
-        wanted = set(ids)
+        wanted = set(resolve_ids([str(qid) for qid in ids], available))
     elif pick == "differ":
         wanted = set(most_different(runs, count))
     elif pick == "first":
