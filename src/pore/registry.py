@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -36,6 +37,15 @@ class Registry(Generic[T]):
 
     def add(self, name: str, obj: T) -> T:
         return self.register(name)(obj)
+
+    @contextmanager
+    def registered(self, name: str, obj: T) -> Iterator[T]:
+        """`obj` registered as `name` inside the `with` block only (a method written in a test, say)."""
+        self.add(name, obj)
+        try:
+            yield obj
+        finally:
+            del self._entries[name]
 
     def get(self, name: str) -> T:
         try:
