@@ -16,12 +16,12 @@ several for PyramidDrop):
    unchanged (PyramidDrop's official `score_from=own_layer`: in an extra no-cache call of layer K's own
    input norm + attention module on layer K's input, by the layer-K hook); earlier layers' inputs or keys
    the same way when asked for.
-4. A forward pre-hook on decoder layer K scores the visual tokens still in the sequence (method x prior),
-   keeps the top `keep` of each image (`pore.engine.selection`), lets the method rewrite or replace the kept
-   tokens (`recycle`: pooling, merging), gathers the hidden states, RoPE embeddings and position ids of the
-   kept tokens (which keep their original positions) and builds the attention mask for the shorter sequence
-   (`pore.engine.surgery`). Pre-hooks on the later layers hand them the same pruned mask and embeddings,
-   until the next stage shortens them again.
+4. A forward pre-hook on decoder layer K runs the stage (`pore.engine.stage`): it scores the visual tokens
+   still in the sequence (method x prior), keeps the top `keep` of each image (`pore.engine.selection`),
+   lets the method rewrite or replace the kept tokens (`recycle`: pooling, merging), gathers the hidden
+   states, RoPE embeddings and position ids of the kept tokens (which keep their original positions) and
+   builds the attention mask for the shorter sequence (`pore.engine.surgery`). Pre-hooks on the later layers
+   hand them the same pruned mask and embeddings, until the next stage shortens them again.
 
 Layers below the first K therefore cache every token, each stage's layers only what it kept (a
 `DynamicCache` holds one length per layer). At each decoding step the hook on every stage's first layer
@@ -90,29 +90,10 @@ from pore import compat
 from pore.adapters import ModelAdapter, adapter_for
 from pore.engine.observe import Observer
 from pore.engine.record import PruningRecord
-from pore.engine.selection import padding_weights, select, weighted_scores
-from pore.engine.state import (
-    HookState,
-    IncomingCall,
-    LanguageForward,
-    Prefill,
-    PrunedLayerInputs,
-    PrunedPrompt,
-)
-from pore.engine.surgery import (
-    Cut,
-    compact_decoding_positions,
-    compact_positions,
-    cut_sequence,
-    decoding_padding,
-    gather_sequence,
-    moved_positions,
-    original_positions,
-    pruned_mask,
-    uses_flash_attention,
-)
+from pore.engine.stage import StageRunner
+from pore.engine.state import HookState, IncomingCall, LanguageForward, Prefill
 from pore.engine.tap import Tap
-from pore.methods import METHODS, ScoringInputs
+from pore.methods import METHODS
 from pore.strategy import Strategy
 
 # The pruner attached to each model: two would fight over the same hooks and attention implementation.
@@ -153,6 +134,7 @@ class Pruner:
         self._state = HookState()
         self._check_supported()
         self._observer = Observer(self.adapter, self.method.observations(), self.stages, self._state)
+        self._runner = StageRunner(self.adapter, self.strategy, self.method, self._observer)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -350,12 +332,14 @@ class Pruner:
                 return (self._on_pruned_layer(module, args, kwargs) or (args, kwargs))[1]
 
             self._observer.before_pruning(stage, module, hidden, layer_kwargs)
-            hidden = self._prune_prompt(stage, hidden, kwargs)
+            hidden, record = self._runner.prune_prompt(stage, self._state, hidden, kwargs, self._image_sizes)
+            if record is not None:
+                self.last_record, self._image_sizes = record, None
             args, kwargs = (
                 ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
             )
         elif forward is not None and forward.decoding:
-            forward.layer_inputs = self._decoding_inputs(stage, hidden, kwargs)
+            forward.layer_inputs = self._runner.decoding_inputs(stage, self._state, hidden, kwargs)
         return self._on_pruned_layer(module, args, kwargs) or (args, kwargs)
 
     def _on_pruned_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -369,114 +353,3 @@ class Pruner:
         if "position_ids" in kwargs:
             kwargs["position_ids"] = pruned.position_ids
         return args, kwargs
-
-    # ------------------------------------------------------------------ the pruning itself
-
-    def _prune_prompt(self, stage: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Drop the unselected visual tokens from the stage layer's inputs; returns the kept hidden states."""
-        forward = self._state.forward
-        prefill = forward.prefill
-        if prefill.stage != stage:
-            raise RuntimeError(f"pruning stage {stage} ran before stage {prefill.stage}")
-        inputs = self._observer.scoring_inputs(prefill, stage, self.stages[stage].budget)
-        kept_visual, weighted = self._select(stage, inputs)
-        hidden, kept_visual = self.method.recycle(inputs, hidden, kept_visual, weighted)
-        if bool((kept_visual & ~prefill.alive).any()):
-            raise RuntimeError(
-                f"{type(self.method).__name__}.recycle kept visual tokens that are no longer there"
-            )
-        cut = cut_sequence(prefill.current_padding, prefill.alive, prefill.position, kept_visual)
-        pruned_hidden = gather_sequence(hidden, cut.order, seq_dim=1)  # (B, L', D)
-        position_embeddings, position_ids = self._kept_positions(stage, prefill, kwargs, pruned_hidden, cut)
-        cache = compat.cache_from(kwargs)
-        mask = self._mask(pruned_hidden, cut.padding, cache, self.stages[stage].layer)
-        forward.layer_inputs = PrunedLayerInputs(mask, position_embeddings, position_ids)
-        self._advance(stage, prefill, cut, kept_visual, weighted)
-        if stage == 0:
-            self._state.prompt = PrunedPrompt(prefill.input_ids.shape[1], cache)
-        self._state.prompt.stage_padding.append(cut.padding)
-        removed = prefill.padding_mask.sum(dim=1) - cut.padding.sum(dim=1)  # (B,) real tokens removed
-        self._state.prompt.stage_removed.append(removed)
-        if stage == len(self.stages) - 1:
-            self._image_sizes = None
-            self.last_record = PruningRecord.from_stages(
-                prefill.layout,
-                prefill.padding_mask,
-                len(self.layers),
-                [settings.layer for settings in self.stages],
-                prefill.stage_kept,
-                prefill.stage_scores,
-            )
-        return pruned_hidden
-
-    def _select(self, stage: int, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which visual tokens survive this stage: (B, N) bool, and the (B, N) weighted scores ranked."""
-        layout, settings, prior = inputs.layout, self.stages[stage], self.strategy.prior
-        scores = self.method.score(inputs)
-        # The PoRe authors' FastV: only tokens that are not padding compete, and the budget is cut to their
-        # number (at every stage, so that a later stage never asks for the padding dropped here).
-        cut_to_unpadded = prior.suppress_padding and prior.budget_from_unpadded
-        not_padding = None  # (B, N) 1 = not padding, 0 = padding (when padding suppression is on)
-        if prior.suppress_padding and (settings.reweight or cut_to_unpadded):
-            not_padding = padding_weights(layout, self._image_sizes, prior.pad_threshold)
-        weighted = weighted_scores(scores, layout, prior, settings.reweight, not_padding)  # (B, N)
-        unpadded = (not_padding > 0).to(weighted.device) if cut_to_unpadded else None
-        return select(self.stages, stage, weighted, layout, inputs.candidates(), unpadded), weighted
-
-    def _advance(
-        self, stage: int, prefill: Prefill, cut: Cut, kept: torch.Tensor, weighted: torch.Tensor
-    ) -> None:
-        """The prefill's bookkeeping after `stage` cut the sequence, keeping the visual tokens `kept`."""
-        prefill.position = moved_positions(cut, kept, prefill.position)
-        prefill.alive = kept
-        prefill.origin = prefill.origin.gather(1, cut.order)
-        prefill.current_padding = cut.padding
-        prefill.stage_kept.append(kept)
-        prefill.stage_scores.append(weighted)
-        prefill.stage = stage + 1
-        prefill.stage_captures = {}
-
-    def _kept_positions(
-        self, stage: int, prefill: Prefill, kwargs: dict, pruned_hidden: torch.Tensor, cut: Cut
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        """(cos, sin) and position ids of the kept slots, per `strategy.positions`."""
-        language_model = self.adapter.language_model()
-        flash = uses_flash_attention(language_model.config)
-        if self.positions == "compact":
-            positions = compact_positions(
-                prefill.current_positions, kwargs.get("position_ids"), prefill.current_padding, cut
-            )
-            prefill.current_positions = positions
-            # FlashAttention reads position ids that restart as packed sequences; the mask says it all.
-            return language_model.rotary_emb(pruned_hidden, positions), (None if flash else positions)
-        # Later stages gather from what the previous stage handed its layers, not from the full sequence.
-        source = self._state.forward.layer_inputs if stage > 0 else None
-        if source is not None:
-            return original_positions(cut.order, source.position_embeddings, source.position_ids, flash)
-        return original_positions(cut.order, kwargs["position_embeddings"], kwargs.get("position_ids"), flash)
-
-    def _decoding_inputs(self, stage: int, hidden: torch.Tensor, kwargs: dict) -> PrunedLayerInputs:
-        """Mask (and compact positions) for a stage's layers at a decoding step: its pruned prompt mask + the
-        new tokens' mask."""
-        prompt, layer = self._state.prompt, self.stages[stage].layer
-        cache = compat.cache_from(kwargs)
-        padding = decoding_padding(
-            prompt.stage_padding[stage],
-            self._state.forward.padding_mask,
-            prompt.prompt_length,
-            cache,
-            layer,
-            hidden,
-        )
-        mask = self._mask(hidden, padding, cache, layer)
-        if self.positions == "compact":
-            positions = compact_decoding_positions(
-                kwargs.get("position_ids"), prompt.stage_removed[stage], hidden.shape[0]
-            )
-            return PrunedLayerInputs(
-                mask, self.adapter.language_model().rotary_emb(hidden, positions), positions
-            )
-        return PrunedLayerInputs(mask, None, kwargs.get("position_ids"))
-
-    def _mask(self, hidden: torch.Tensor, padding: torch.Tensor, cache: Any, layer: int) -> Any:
-        return pruned_mask(self.adapter.language_model().config, hidden, padding, cache, layer)
