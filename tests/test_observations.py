@@ -335,6 +335,18 @@ def test_only_what_is_asked_is_captured() -> None:
         seen[VisionKeys()]
 
 
+def test_requests_of_the_same_capture_agree() -> None:
+    """The feature layer's [CLS] row asked as None and as 0, a layer's keys per token and as the sequence: one
+    capture each, delivered both ways."""
+    model, inputs = llava_model(), llava_batch()
+    requests = [VisionAttention(), VisionAttention(0), DecoderKeys(-1), DecoderKeys(-1, sequence=True)]
+    (seen,) = observe(model, requests, inputs)
+    assert torch.equal(seen[VisionAttention()], seen[VisionAttention(0)])
+    sequence = seen[DecoderKeys(-1, sequence=True)]  # (B, L, H_kv, d)
+    for b, slots in enumerate(image_positions(inputs["input_ids"])):
+        assert torch.equal(seen[DecoderKeys(-1)][b, : len(slots)], sequence[b, slots])
+
+
 def test_requests_that_cannot_be_served_say_why() -> None:
     model = llava_model()
     with pytest.raises(ValueError, match="only layers before K have run their attention"):

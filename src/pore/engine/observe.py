@@ -38,6 +38,8 @@ from pore.engine.tap import Tap, cls_attention, query_attention
 from pore.methods import ScoringInputs
 from pore.methods.requests import (
     ATTENTION_REQUESTS,
+    DECODER_REQUESTS,
+    VISION_REQUESTS,
     DecoderHiddenStates,
     DecoderKeys,
     ImageEmbeddings,
@@ -50,7 +52,6 @@ from pore.methods.requests import (
     TextTokens,
     VisionAttention,
     VisionHiddenStates,
-    VisionKeys,
 )
 from pore.strategy import PruningStage
 
@@ -100,7 +101,7 @@ class Observer:
     def _check_decoder_layers(self, num_layers: int) -> None:
         """Every decoder request must read a layer that ran on the sequence its stage prunes."""
         for request in self.requests:
-            if not isinstance(request, (DecoderHiddenStates, DecoderKeys)):
+            if not isinstance(request, DECODER_REQUESTS):
                 continue
             for stage, layer in enumerate(self.layers):
                 first = self.layers[stage - 1] if stage else 0
@@ -132,9 +133,10 @@ class Observer:
         handles: list[Any] = []
         decoder_layers = self.adapter.decoder_layers()
         language_config = self.adapter.language_model().config
+        installed: set[tuple] = set()  # requests that differ only in how they are delivered share a capture
         for request in self.requests:
-            if isinstance(request, (VisionHiddenStates, VisionAttention, VisionKeys)):
-                handles += self._attach_vision(request, tap)
+            if isinstance(request, VISION_REQUESTS):
+                handles += self._attach_vision(request, tap, installed)
                 continue
             for stage, layer in enumerate(self.layers):
                 if isinstance(request, ATTENTION_REQUESTS):
@@ -142,21 +144,31 @@ class Observer:
                     module = self.adapter.attention_module(decoder_layers[scoring_layer])
                     tap.switch(language_config)
                     tap.watch(module, partial(self._on_rows, request, stage))
-                elif isinstance(request, DecoderKeys):
+                    continue
+                if not isinstance(request, DECODER_REQUESTS):  # the embeddings: the language model's hook
+                    break
+                key = ("hidden" if isinstance(request, DecoderHiddenStates) else "keys", request.offset)
+                if (key, stage) in installed or key == ("hidden", 0):  # offset 0: `before_pruning`
+                    continue
+                installed.add((key, stage))
+                if isinstance(request, DecoderKeys):
                     module = self.adapter.attention_module(decoder_layers[layer + request.offset])
                     tap.switch(language_config)
-                    tap.watch(module, partial(self._on_decoder_keys, ("keys", request.offset), stage))
-                elif isinstance(request, DecoderHiddenStates) and request.offset < 0:
-                    hook = partial(self._on_decoder_input, ("hidden", request.offset), stage)
+                    tap.watch(module, partial(self._on_decoder_keys, key, stage))
+                else:
+                    hook = partial(self._on_decoder_input, key, stage)
                     module = decoder_layers[layer + request.offset]
                     handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return handles
 
-    def _attach_vision(self, request: Request, tap: Tap) -> list[Any]:
+    def _attach_vision(self, request: Request, tap: Tap, installed: set[tuple]) -> list[Any]:
         encoder = self.encoder = self._vision_encoder(request)
         if isinstance(request, VisionHiddenStates):
             index = encoder.hidden_states_index(request.layer)
             key = self.vision_keys[request] = ("hidden", index)
+            if key in installed:
+                return []
+            installed.add(key)
             store = partial(self._store_vision, key)
             if index < len(encoder.layers):  # hidden_states[j] is what encoder layer j receives
                 hook = encoder.layers[index].register_forward_pre_hook(
@@ -171,6 +183,9 @@ class Observer:
         index = encoder.layer_index(request.layer)
         kind = "cls" if isinstance(request, VisionAttention) else "keys"
         key = self.vision_keys[request] = (kind, index)
+        if key in installed:
+            return []
+        installed.add(key)
         tap.switch(encoder.config)
         tap.watch(encoder.layers[index].self_attn, partial(self._on_vision_attention, key))
         return []
@@ -294,7 +309,7 @@ class Observer:
                         f"layer {layer} did not report its attention; is the model's forward hooked?"
                     )
                 observed[request] = prefill.stage_captures[request]
-            elif isinstance(request, (DecoderHiddenStates, DecoderKeys)):
+            elif isinstance(request, DECODER_REQUESTS):
                 kind = "hidden" if isinstance(request, DecoderHiddenStates) else "keys"
                 captured = prefill.stage_captures.get((kind, request.offset))
                 if captured is None:
