@@ -212,7 +212,9 @@ class Pruner:
         call.image_inputs = {key: value for key, value in kwargs.items() if key != "input_ids"}
 
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        call, self._state.incoming, self._state.forward = self._state.incoming or IncomingCall(), None, None
+        # What the multimodal wrapper and the vision tower saw of this forward is consumed here.
+        call = self._state.incoming or IncomingCall()
+        self._state.incoming = self._state.forward = None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise ValueError("the pruner needs the VLM to call its language model with inputs_embeds")
