@@ -8,7 +8,6 @@ and pruned forwards run layer by layer with the dropped tokens removed by plain 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -160,25 +159,6 @@ def sample_inputs(inputs: dict[str, torch.Tensor], b: int, images_before: int, i
     )
 
 
-# ---------------------------------------------------------------------------------------------- priors
-
-
-def row_position(token: ExpectedToken) -> float:
-    return token.row / max(token.grid_h - 1, 1)
-
-
-def index_position(token: ExpectedToken) -> float:
-    return (token.row * token.grid_w + token.col) / max(token.grid_h * token.grid_w - 1, 1)
-
-
-def linear_weight(alpha: float) -> Callable[[float], float]:
-    return lambda p: 1.0 - alpha * p
-
-
-def exponential_weight(sigma: float) -> Callable[[float], float]:
-    return lambda p: math.exp(-sigma * p)
-
-
 # ---------------------------------------------------------------------------------------------- references
 
 
@@ -200,12 +180,12 @@ def reference_kept(
     sizes: Sequence[Size],
     layer: int,
     keep: int,
-    weight: Callable[[float], float],
-    position: Callable[[ExpectedToken], float] = row_position,
+    weight: Callable[[int, int, int, int], float],
     frame: str = "image",
 ) -> list[list[int]]:
     """FastV x prior for one unpadded sample, from eager attention weights: per image, the sorted indices
-    (among the image's prunable tokens in sequence order) of the `keep` best."""
+    (among the image's prunable tokens in sequence order) of the `keep` best; `weight(row, col, grid_h,
+    grid_w)` is the prior's weight of a token at its position in `frame`."""
     assert model.config.text_config._attn_implementation == "eager"
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
@@ -214,7 +194,7 @@ def reference_kept(
     for size, positions in zip(sizes, image_positions(inputs["input_ids"], sizes), strict=True):
         tokens = expected_tokens(size, frame)
         candidates = [(pos, t) for pos, t in zip(positions, tokens, strict=True) if t.part != "newline"]
-        scores = [last_row[pos].item() * weight(position(t)) for pos, t in candidates]
+        scores = [last_row[pos].item() * weight(t.row, t.col, t.grid_h, t.grid_w) for pos, t in candidates]
         # Highest score first; equal scores: earlier token first.
         ranking = sorted(range(len(candidates)), key=lambda i: (-scores[i], i))
         kept.append(sorted(ranking[:keep]))

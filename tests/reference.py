@@ -6,6 +6,8 @@ and the pruned forward is run layer by layer with the dropped tokens removed by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.masking_utils import create_causal_mask
@@ -42,6 +44,21 @@ def reference_kept_raster(
         ranking = sorted(range(TOKENS_PER_IMAGE), key=lambda i: (-scores[i].item(), i))
         kept.append(sorted(ranking[:keep]))
     return kept
+
+
+def reference_kept(
+    model: LlavaForConditionalGeneration,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    layer: int,
+    keep: int,
+    weight: Callable[[int, int, int, int], float],
+) -> list[list[int]]:
+    """As `reference_kept_raster`, the prior given as `weight(row, col, grid_h, grid_w)` of each grid cell."""
+    weights = torch.tensor(
+        [weight(r // GRID, r % GRID, GRID, GRID) for r in range(TOKENS_PER_IMAGE)], dtype=torch.float64
+    )
+    return reference_kept_raster(model, input_ids, pixel_values, layer, keep, weights)
 
 
 def merged_embeddings(

@@ -1,6 +1,8 @@
 """The pruning engine inside tiny random Qwen2-VL and Qwen2.5-VL models (real transformers classes, built
 offline from configs), against independent references: dynamic grids from image_grid_thw, several images per
-prompt, images of different sizes in one batch, 3-D M-RoPE positions and rope_deltas at decoding."""
+prompt, images of different sizes in one batch, 3-D M-RoPE positions and rope_deltas at decoding. What every
+family satisfies (keeping everything, the kept set, padded batches, cached generation, every method x prior)
+is tests/test_contract.py; here is what is Qwen's own."""
 
 from __future__ import annotations
 
@@ -17,17 +19,9 @@ from qwen_reference import (
     FAMILIES,
     PIXELS_PER_TOKEN,
     SAMPLES,
-    append_token,
-    exponential,
     image,
-    image_spans,
-    kept_positions,
-    linear_rows,
     make_inputs,
-    no_prior,
     processor,
-    reference_kept_raster,
-    reference_pruned_logits,
     sample_inputs,
     tiny_model,
     until_eos,
@@ -195,57 +189,7 @@ def test_tiny_model_saves_and_loads_with_the_auto_class(family: str, tmp_path) -
     assert pruner.last_record.kept_raster == expected.last_record.kept_raster
 
 
-# ---------------------------------------------------------------------------------------------- equivalences
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("strategy", ["fastv", "pore_linear", "pore_exponential", "random"])
-def test_keeping_everything_equals_the_untouched_model(family: str, attn: str, strategy: str) -> None:
-    model = tiny_model(family, attn)
-    inputs = make_inputs(family, SAMPLES)
-    with torch.no_grad():
-        untouched = model(**inputs).logits
-        with Pruner(model, build_strategy(strategy, keep=None, ratio=1.0)) as pruner:
-            pruned = model(**inputs).logits
-        real = inputs["attention_mask"].bool()
-        assert pruned.shape == untouched.shape
-        torch.testing.assert_close(pruned[real], untouched[real], atol=1e-5, rtol=0)
-        assert pruner.last_record.kept_raster == [
-            [list(range(16))],
-            [list(range(15)), list(range(8))],
-            [list(range(15))],
-        ]
-        # Detaching restores the model exactly.
-        assert model.config.text_config._attn_implementation == attn
-        torch.testing.assert_close(model(**inputs).logits, untouched, atol=0, rtol=0)
-
-
-PRIORS = {
-    "fastv": ({}, no_prior),
-    "pore_linear": ({"prior": {"alpha": 0.95}}, linear_rows(0.95)),
-    "pore_exponential": ({"prior": {"sigma": 2.0}}, exponential(2.0)),
-    "pore_exponential_index": ({"prior": {"sigma": 1.5, "position": "index"}}, exponential(1.5, "index")),
-}
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("prior", list(PRIORS))
-@pytest.mark.parametrize("layer", [1, 2])
-def test_kept_tokens_equal_the_eager_attention_reference(
-    family: str, attn: str, prior: str, layer: int
-) -> None:
-    model, eager = tiny_model(family, attn), tiny_model(family, "eager")
-    settings, weights = PRIORS[prior]
-    name = prior.removesuffix("_index")
-    for b in range(len(SAMPLES)):
-        inputs = sample_inputs(family, b)
-        expected = reference_kept_raster(eager, inputs, layer, KEEP, weights)
-        with (
-            torch.no_grad(),
-            Pruner(model, build_strategy(name, keep=KEEP, layer=layer, **settings)) as pruner,
-        ):
-            model(**inputs)
-        assert pruner.last_record.kept_raster == [expected]
+# ---------------------------------------------------------------------------------------------- the engine
 
 
 def test_the_prior_changes_the_choice_towards_the_top_rows(family: str) -> None:
@@ -259,52 +203,6 @@ def test_the_prior_changes_the_choice_towards_the_top_rows(family: str) -> None:
         rows = [r // 4 for r in pruner.last_record.kept_raster[0][0]]
         mean_rows[alpha] = sum(rows) / len(rows)
     assert mean_rows[0.95] < mean_rows[0.0]
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("strategy", ["fastv", "pore_exponential", "random"])
-def test_pruned_forward_equals_removing_tokens_by_hand(family: str, attn: str, strategy: str) -> None:
-    model = tiny_model(family, attn)
-    for b in range(len(SAMPLES)):
-        inputs = sample_inputs(family, b)
-        with torch.no_grad(), Pruner(model, build_strategy(strategy, keep=KEEP, layer=2)) as pruner:
-            pruned = model(**inputs).logits
-        kept = kept_positions(inputs, image_token_id(family), pruner.last_record.kept_raster[0])
-        images = len(SAMPLES[b][1])
-        assert (
-            pruned.shape[1]
-            == len(kept)
-            == inputs["input_ids"].shape[1]
-            - sum(len(positions) for positions, _, _ in image_spans(inputs, image_token_id(family)))
-            + KEEP * images
-        )
-        expected = reference_pruned_logits(model, inputs, 2, kept)
-        torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("strategy", ["pore_linear", "pore_exponential"])
-def test_cached_generation_equals_recomputing_without_cache(family: str, attn: str, strategy: str) -> None:
-    """generate() with the KV cache == a greedy loop that recomputes the pruned sequence from scratch at
-    every step, the new tokens' positions coming from get_rope_index over the whole sequence."""
-    model = tiny_model(family, attn)
-    new_tokens = 6
-    for b in (0, 1):
-        inputs = sample_inputs(family, b)
-        length = inputs["input_ids"].shape[1]
-        with torch.no_grad(), Pruner(model, build_strategy(strategy, keep=KEEP, layer=2)) as pruner:
-            cached = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, length:].tolist()
-            again = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, length:].tolist()
-        assert cached == again  # deterministic
-        prompt_kept = kept_positions(inputs, image_token_id(family), pruner.last_record.kept_raster[0])
-        sequence, recomputed = inputs, []
-        for _ in range(new_tokens):
-            total = sequence["input_ids"].shape[1]
-            kept = torch.cat([prompt_kept, torch.arange(length, total)])
-            token = int(reference_pruned_logits(model, sequence, 2, kept)[0, -1].argmax())
-            recomputed.append(token)
-            sequence = append_token(sequence, token)
-        assert cached == until_eos(recomputed)  # generate() stops at <|im_end|>
 
 
 def test_cached_forward_steps_use_the_full_layers_length(family: str) -> None:
@@ -328,33 +226,6 @@ def test_cached_forward_steps_use_the_full_layers_length(family: str) -> None:
     assert until_eos(tokens) == generated
     pruned = length + 4 - (15 + 8 - 2 * KEEP)
     assert [cache.get_seq_length(i) for i in range(4)] == [length + 4, length + 4, pruned, pruned]
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("strategy", ["pore_linear", "pore_exponential", "random"])
-def test_padded_batch_equals_single_samples(family: str, attn: str, strategy: str) -> None:
-    """Different prompt lengths, image sizes and numbers of images in one left-padded batch."""
-    model = tiny_model(family, attn)
-    inputs = make_inputs(family, SAMPLES)
-    length = inputs["input_ids"].shape[1]
-    with torch.no_grad(), Pruner(model, build_strategy(strategy, keep=KEEP)) as pruner:
-        batch_out = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, length:]
-        batch_kept = pruner.last_record.kept_raster
-        batch_logits = model(**inputs).logits
-        assert pruner.last_record.kept_raster == batch_kept
-        assert [len(images) for images in batch_kept] == [1, 2, 1]
-        for b in range(len(SAMPLES)):
-            alone_inputs = sample_inputs(family, b)
-            alone_length = alone_inputs["input_ids"].shape[1]
-            alone = model.generate(**alone_inputs, max_new_tokens=6, do_sample=False)[0, alone_length:]
-            assert pruner.last_record.kept_raster == [batch_kept[b]]
-            assert until_eos(alone) == until_eos(batch_out[b])
-            alone_logits = model(**alone_inputs).logits
-            # The pruned batch is left-filled per sample: compare each sample's last positions. (The vision
-            # tower runs all images of a batch as one sequence: its fp32 sums differ in the last bits.)
-            torch.testing.assert_close(
-                batch_logits[b, -alone_logits.shape[1] :], alone_logits[0], atol=1e-4, rtol=0
-            )
 
 
 def test_record_counts_image_tokens_per_layer(family: str) -> None:
@@ -429,58 +300,7 @@ def test_pil_images_of_any_mode_are_accepted(family: str) -> None:
     assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
 
 
-# ------------------------------------------------------------------------------- every method x every prior
-
-# Attention-scored methods with their pruning layers on the 4-layer models (PyramidDrop in two stages).
-ATTENTION_METHODS: dict[str, int | list[int]] = {"fastv": 2, "pdrop": [1, 3], "sparsevlm": 2}
-PRIOR_SETTINGS = {
-    "linear": {"name": "linear", "alpha": 0.9},
-    "exponential": {"name": "exponential", "sigma": 2.0},
-    "exponential_index": {"name": "exponential", "sigma": 1.5, "position": "index"},
-}
-
-
-def staged(value: float | int, layer: int | list[int]) -> float | int | list:
-    """One budget per pruning stage: 4 / 2 tokens for two stages, KEEP for one (or the same ratio)."""
-    if not isinstance(layer, list):
-        return value
-    return [value] * len(layer) if isinstance(value, float) else [value + 1, value - 1]
-
-
-@pytest.mark.parametrize("method", list(ATTENTION_METHODS))
-@pytest.mark.parametrize("prior", list(PRIOR_SETTINGS))
-def test_every_attention_method_with_every_prior(family: str, method: str, prior: str) -> None:
-    """Keeping everything == the untouched model; a padded batch of different image sizes == each sample
-    alone (kept tokens and cached greedy answers)."""
-    model = tiny_model(family)
-    layer, settings = ATTENTION_METHODS[method], PRIOR_SETTINGS[prior]
-    inputs = make_inputs(family, SAMPLES)
-    everything = build_strategy(method, layer=layer, keep=None, ratio=staged(1.0, layer), prior=settings)
-    strategy = build_strategy(
-        method, layer=layer, keep=staged(KEEP, layer), ratio=staged(0.5, layer), prior=settings
-    )
-    length = inputs["input_ids"].shape[1]
-    with torch.no_grad():
-        untouched = model(**inputs).logits
-        with Pruner(model, everything):
-            pruned = model(**inputs).logits
-        real = inputs["attention_mask"].bool()
-        torch.testing.assert_close(pruned[real], untouched[real], atol=1e-5, rtol=0)
-        with Pruner(model, strategy) as pruner:
-            batch_out = model.generate(**inputs, max_new_tokens=5, do_sample=False)[:, length:]
-            batch_kept = pruner.last_record.kept_raster
-            final = KEEP - 1 if isinstance(layer, list) else KEEP
-            assert [[len(kept) for kept in images] for images in batch_kept] == [
-                [final],
-                [final] * 2,
-                [final],
-            ]
-            for b in range(len(SAMPLES)):
-                alone_inputs = sample_inputs(family, b)
-                alone = model.generate(**alone_inputs, max_new_tokens=5, do_sample=False)
-                assert pruner.last_record.kept_raster == [batch_kept[b]]
-                answer = alone[0, alone_inputs["input_ids"].shape[1] :]
-                assert until_eos(answer) == until_eos(batch_out[b])
+# ---------------------------------------------------------------------------------------------- methods
 
 
 def test_pyramid_stages_leave_fewer_tokens_in_each_cache_layer(family: str) -> None:
@@ -488,7 +308,7 @@ def test_pyramid_stages_leave_fewer_tokens_in_each_cache_layer(family: str) -> N
     inputs = sample_inputs(family, 0)  # one 4 x 4 image
     length = inputs["input_ids"].shape[1]
     strategy = build_strategy(
-        "pdrop", layer=[1, 3], keep=[8, 2], ratio=[0.5, 0.25], prior=PRIOR_SETTINGS["linear"]
+        "pdrop", layer=[1, 3], keep=[8, 2], ratio=[0.5, 0.25], prior={"name": "linear", "alpha": 0.9}
     )
     with torch.no_grad(), Pruner(model, strategy):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)

@@ -14,6 +14,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from conftest import GRID, IMAGE_TOKEN, TOKENS_PER_IMAGE, build_tiny_llava, left_pad, make_prompt, pixels
+from families import llava_model
 from pore import Pruner, build_strategy
 from pore.adapters import ModelFacts, VisualLayout
 from pore.methods import METHODS, ScoringInputs
@@ -94,7 +95,7 @@ def top_k(scores: torch.Tensor, k: int) -> list[int]:
 def test_pdrop_stages_follow_the_attention_of_the_shortened_sequence() -> None:
     """Stage 1 = FastV at layer 1; stage 2 ranks the survivors by layer 2's attention over the shortened
     sequence, read from an eager forward of the model pruned by stage 1 alone."""
-    model = build_tiny_llava("eager")
+    model = llava_model("eager")
     input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
     strategy = build_strategy(
         "pdrop",
@@ -164,7 +165,7 @@ def test_pdrop_scores_each_stage_with_its_own_layer_norm_and_projections() -> No
     """Official PyramidDrop: stage 1 (before layer 1) ranks the image by layer 1's own q / k of layer 1's
     input; stage 2 (before layer 3) by layer 3's q / k of its input, the sequence stage 1 left, renumbered
     0..L'-1. The pruned forward then equals the by-hand run with compact positions."""
-    model = build_tiny_llava()
+    model = llava_model()
     input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
     with torch.no_grad(), Pruner(model, build_strategy("pdrop", layer=[1, 3], ratio=[0.5, 0.25])) as pruner:
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
@@ -204,7 +205,7 @@ def test_pdrop_scores_each_stage_with_its_own_layer_norm_and_projections() -> No
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_pdrop_keeping_everything_equals_the_untouched_model(attn: str) -> None:
-    model = build_tiny_llava(attn)
+    model = llava_model(attn)
     ids, mask = left_pad(PROMPTS)
     with torch.no_grad():
         untouched = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(2)).logits
@@ -230,7 +231,7 @@ PADDED_CASES = {
 
 @pytest.mark.parametrize("case", sorted(PADDED_CASES))
 def test_padded_batch_equals_single_samples(case: str) -> None:
-    model = build_tiny_llava()
+    model = llava_model()
     method = case.split("_")[0] if case.startswith(("pdrop", "sparsevlm")) else case
     strategy = build_strategy(method, **PADDED_CASES[case])
     ids, mask = left_pad(PROMPTS)
@@ -250,7 +251,7 @@ def test_padded_batch_equals_single_samples(case: str) -> None:
 
 @pytest.mark.parametrize("positions", ["original", "compact"])
 def test_pdrop_cached_generation_equals_recomputing_without_cache(positions: str) -> None:
-    model = build_tiny_llava()
+    model = llava_model()
     input_ids, pixel_values = single(PROMPTS[1]), pixels(1, seed=3)
     new_tokens = 6
     strategy = build_strategy("pore_pdrop_exponential", layer=[1, 3], ratio=[0.5, 0.25], positions=positions)
@@ -279,7 +280,7 @@ def test_pdrop_cached_generation_equals_recomputing_without_cache(positions: str
 def test_growing_stage_budgets_are_refused() -> None:
     """Fixed budgets that grow are refused when the pruner is built; a share that leaves fewer tokens than a
     later fixed budget asks for, at the prefill that finds out."""
-    model = build_tiny_llava()
+    model = llava_model()
     with pytest.raises(ValueError, match="grows from stage to stage"):
         Pruner(model, build_strategy("pdrop", layer=[1, 2], keep=[4, 8], ratio=None))
     share_then_more = build_strategy("pdrop", layer=[1, 2], keep=[None, 8], ratio=[0.1, 1.0])
@@ -299,7 +300,7 @@ def test_sparsevlm_attention_raters_score_the_image_tokens(raters: str) -> None:
     the mean over those tokens; an image token's score = the raters' mean attention to it (eager attention
     weights of layer K-1). attention_all_text: the old rule, over every text token (those before the image
     see nothing of it and lower the threshold)."""
-    model = build_tiny_llava("eager")
+    model = llava_model("eager")
     input_ids, pixel_values = single(PROMPTS[1]), pixels(1, seed=1)
     with torch.no_grad():
         out = model(input_ids=input_ids, pixel_values=pixel_values, output_attentions=True)
@@ -327,7 +328,7 @@ def test_sparsevlm_official_raters_come_from_the_input_embeddings() -> None:
     """raters=official (default): m = softmax over the text after the image of (image embeddings x text
     embeddings^T), mean over the image tokens; raters = m > mean(m), chosen once; the image tokens are
     scored by the raters' mean attention in layer K-1 at every stage."""
-    model = build_tiny_llava("eager")
+    model = llava_model("eager")
     prompt = make_prompt([1, 5], 1, [12, 13, 14, 15, 16, 17, 18, 19, 20, 21])
     input_ids, pixel_values = single(prompt), pixels(1, seed=6)
     images = image_positions(input_ids)
@@ -373,7 +374,7 @@ def test_sparsevlm_presets_are_the_official_budget_tables(name: str, keep: tuple
 def test_sparsevlm_stages_keep_their_budgets_and_cluster_recycling_adds_the_official_count() -> None:
     """Three stages scaled to the tiny model: 20 / 10 / 5 of 36 tokens. recycle=cluster keeps, on top,
     int(int(0.3 * dropped) + 1) / 10) + 1 centres per stage, each carrying its cluster's mean."""
-    model = build_tiny_llava()
+    model = llava_model()
     input_ids, pixel_values = single(PROMPTS[0]), pixels(1, seed=7)
     counts = {}
     for recycle in ("none", "cluster"):
@@ -427,7 +428,7 @@ def test_density_peak_clusters_equal_the_loop_reference() -> None:
 def test_sparsevlm_cached_generation_equals_recomputing_without_cache(options: dict) -> None:
     """Compact positions (official) across two stages: cached decoding == the by-hand run of the kept
     tokens renumbered 0..L'-1, new tokens after them."""
-    model = build_tiny_llava()
+    model = llava_model()
     input_ids, pixel_values = single(PROMPTS[1]), pixels(1, seed=3)
     new_tokens = 6
     strategy = build_strategy("sparsevlm", layer=[1, 3], keep=[12, 6], options=options)
@@ -479,7 +480,7 @@ def test_sparsevlm_merge_averages_dropped_tokens_into_the_most_similar_kept_one(
 
 
 def test_sparsevlm_merge_changes_the_kept_tokens_not_the_choice() -> None:
-    model = build_tiny_llava()
+    model = llava_model()
     input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
     results = {}
     for merge in (False, True):
@@ -514,7 +515,7 @@ def test_fastervlm_ranks_by_the_vision_cls_attention() -> None:
 
 def test_fastervlm_keeps_the_same_tokens_whatever_the_text() -> None:
     """No language-model attention is involved: the choice depends on the image alone."""
-    model = build_tiny_llava()
+    model = llava_model()
     pixel_values = pixels(1, seed=4)
     chosen = []
     for prompt in PROMPTS:
@@ -540,7 +541,7 @@ def test_window_grids_by_hand() -> None:
 
 @pytest.mark.parametrize("strategy", ["pool", "pool_average"])
 def test_pool_keeps_the_window_centres(strategy: str) -> None:
-    model = build_tiny_llava()
+    model = llava_model()
     for keep, expected in ((9, [0, 2, 4, 12, 14, 16, 24, 26, 28]), (4, [7, 10, 25, 28])):
         # The prior does not change the choice: every window keeps its own centre.
         with (
@@ -552,7 +553,7 @@ def test_pool_keeps_the_window_centres(strategy: str) -> None:
 
 
 def test_pool_average_carries_the_mean_of_each_window() -> None:
-    model = build_tiny_llava()
+    model = llava_model()
     input_ids, pixel_values = single(PROMPTS[0]), pixels(1)
     layer, centres = 2, [7, 10, 25, 28]
     with torch.no_grad(), Pruner(model, build_strategy("pool_average", keep=4, layer=layer)):
@@ -583,7 +584,7 @@ def test_pruning_before_the_language_model_generates_like_the_shortened_prompt(s
     """K = 0: no decoder layer sees the dropped tokens; cached generation == recomputing by hand, with the
     kept tokens at their original positions and new tokens after the full prompt (pooling), or the kept
     sequence renumbered 0..L'-1 and new tokens after it (FasterVLM, as its official code)."""
-    model = build_tiny_llava()
+    model = llava_model()
     input_ids, pixel_values = single(PROMPTS[0]), pixels(1, seed=5)
     new_tokens = 5
     with torch.no_grad(), Pruner(model, build_strategy(strategy, keep=4)) as pruner:
@@ -637,7 +638,7 @@ def test_sparsevlm_cluster_recycling_carries_the_cluster_mean_into_the_kept_cent
     """One stage before layer 1 keeping 20 of 36: the 16 dropped tokens' top int(0.3 * 16) + 1 = 5 by score
     form int(5 / 10) + 1 = 1 cluster; its centre (DPC-KNN by hand) is kept on top, carrying the mean of the
     5 hidden states; the forward equals the by-hand run of that sequence with compact positions."""
-    model = build_tiny_llava()
+    model = llava_model()
     input_ids, pixel_values = single(PROMPTS[1]), pixels(1, seed=8)
     strategy = build_strategy("sparsevlm", layer=1, keep=20, options={"recycle": "cluster"})
     with torch.no_grad(), Pruner(model, strategy) as pruner:

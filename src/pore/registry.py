@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -40,6 +41,15 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> T:
         """Remove `name` (a plug-in unloaded, a test cleaning up); returns what was registered."""
         return self._entries.pop(name)
+
+    @contextmanager
+    def registered(self, name: str, obj: T) -> Iterator[T]:
+        """`obj` registered as `name` inside the `with` block only (a method written in a test, say)."""
+        self.add(name, obj)
+        try:
+            yield obj
+        finally:
+            self.unregister(name)
 
     def get(self, name: str) -> T:
         try:

@@ -130,9 +130,10 @@ class Strategy:
 
     @property
     def lowest_layer(self) -> int:
-        """Methods scored by the language model's attention read it in layer K-1, so K >= 1; the others may
-        prune before the first layer (K = 0: the language model never sees the dropped tokens)."""
-        return 1 if METHODS.get(self.method).attention_queries is not None else 0
+        """Methods scored by the language model's attention read it in layer K-1, so K >= 1 (K >= j for a
+        method that reads layer K-j); the others may prune before the first layer (K = 0:
+        the language model never sees the dropped tokens)."""
+        return METHODS.get(self.method).lowest_layer()
 
     def stages(self) -> list[PruningStage]:
         """The pruning stages in layer order (`resolve` first for readable errors)."""
@@ -261,9 +262,11 @@ class Strategy:
         if num_layers is not None:
             for layer in scaled:
                 if not lowest <= layer < num_layers:
-                    reason = "pruning happens before layer K" + (
-                        " and is scored in layer K-1" if lowest else ""
-                    )
+                    reason = "pruning happens before layer K"
+                    if lowest:
+                        reason += (
+                            " and is scored in layer K-1" if lowest == 1 else f" and reads layer K-{lowest}"
+                        )
                     raise ValueError(
                         f"strategy.layer must be in [{lowest}, {num_layers - 1}] for this {num_layers}-layer "
                         f"language model ({reason}), got {layer}"

@@ -3,6 +3,10 @@
 An adapter answers three questions: which modules to hook (the multimodal wrapper that sees `input_ids`, the
 language model and its decoder layers), where the image tokens are in a prompt, and where each one sits in
 its image grid. Everything else (scoring, top-k, gathering, masks, cache) is shared by all families.
+
+For methods that look into the vision tower (`pore.methods.requests`), an adapter may also describe the
+encoder (`vision_encoder`) and map its positions to visual tokens (`vision_token_index`): one mapping from
+which any per-position tensor of the tower (attention rows, hidden states, keys) is gathered per token.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class ModelAdapter(ABC):
     #: whether the language model uses 3-D M-RoPE positions (Qwen2-VL), which `strategy.positions=compact`
     #: cannot renumber
     multimodal_rope: bool = False
+    #: whether the vision tower encodes an image as several views (LLaVA-NeXT: the base image and its tiles)
+    encodes_views: bool = False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -145,28 +151,107 @@ class ModelAdapter(ABC):
         read them; LLaVA-1.5 does not need them.
         """
 
-    def vision_scoring_attention(self) -> tuple[nn.Module, Any]:
-        """The vision-encoder attention module whose [CLS] row scores the patches (FasterVLM), and the
-        config of the sub-model it belongs to (its attention implementation is switched to the scoring
-        wrapper). Families without a [CLS] token do not implement it."""
+    # ------------------------------------------------------------------ the vision tower
+
+    def vision_encoder(self) -> VisionEncoder:
+        """The vision tower's encoder, for observation requests of the vision tower (its hidden states,
+        attention, keys). Families that do not map encoder positions to visual tokens do not implement it."""
         raise NotImplementedError(
-            f"the {self.name} adapter has no vision [CLS] attention to score with; choose a method that "
-            f"scores with the language model's attention"
+            f"the {self.name} adapter does not map its vision encoder's positions to visual tokens, so "
+            f"requests of the vision tower (VisionHiddenStates, VisionAttention, VisionKeys) are not "
+            f"supported for it; image and text embeddings and decoder requests are"
+        )
+
+    def vision_token_index(
+        self, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
+        """(B, N) long: for each visual token, the encoder position it was made from, as an index into the
+        tower's outputs flattened to (views * L_v) (views: every image's encoder inputs in batch order, L_v
+        = `vision_encoder().positions`); -1 for tokens made from no position. `image_inputs` as for
+        `visual_layout`. Any per-position tensor of the tower (views, L_v, ...) becomes per-token with
+        `tokens_from_positions`."""
+        raise NotImplementedError(
+            f"the {self.name} adapter does not map its vision encoder's positions to visual tokens"
         )
 
     def vision_token_scores(
         self, cls_attention: torch.Tensor, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
     ) -> torch.Tensor:
-        """(B, N) score of each visual token from the encoder's (views, L_v) [CLS] attention rows (one row
-        per image the encoder saw, in batch order); `image_inputs` as for `visual_layout`."""
-        raise NotImplementedError(f"the {self.name} adapter has no vision [CLS] attention")
+        """(B, N) float64 score of each visual token from the encoder's (views, L_v) [CLS] attention rows:
+        the row of its view at its own patch; 0 for tokens that are not prunable grid tokens."""
+        index = self.vision_token_index(layout, image_inputs)
+        scores = tokens_from_positions(cls_attention, index)  # (B, N)
+        return torch.where(layout.valid & layout.prunable, scores, torch.zeros_like(scores)).double()
 
     def vision_token_views(
         self, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
     ) -> torch.Tensor | None:
         """(B, N) long: which encoder view of its image each visual token was encoded in (-1: none), for
         families that encode an image as several views (LLaVA-NeXT: base image, tiles); None: one view."""
-        return None
+        if not self.encodes_views:
+            return None
+        return views_from_index(self.vision_token_index(layout, image_inputs), layout, self.vision_encoder())
+
+
+@dataclass(frozen=True)
+class VisionEncoder:
+    """A family's vision encoder as the observation requests see it (`ModelAdapter.vision_encoder`)."""
+
+    layers: nn.ModuleList  # the encoder layers, in order
+    config: Any  # the tower's sub-config (its attention implementation is switched to watch its attention)
+    feature_layer: int  # the `hidden_states` index of the features the language model reads, in [0, layers]
+    positions: int  # L_v: positions of one view, the [CLS] token included
+    has_cls: bool  # position 0 of every view is a [CLS] token
+
+    def hidden_states_index(self, layer: int | None) -> int:
+        """`hidden_states[layer]` as a non-negative index (None: the features the language model reads)."""
+        count = len(self.layers) + 1
+        index = self.feature_layer if layer is None else (layer if layer >= 0 else count + layer)
+        if not 0 <= index < count:
+            raise ValueError(f"vision hidden_states[{layer}] does not exist: the tower has {count} of them")
+        return index
+
+    def layer_index(self, layer: int | None) -> int:
+        """Encoder layer `layer` as a non-negative index (None: the layer whose output the LLM reads)."""
+        count = len(self.layers)
+        if layer is None:
+            if self.feature_layer == 0:
+                raise ValueError("the vision features are the embeddings: they do not come out of a layer")
+            return self.feature_layer - 1
+        index = layer if layer >= 0 else count + layer
+        if not 0 <= index < count:
+            raise ValueError(f"vision encoder layer {layer} does not exist: the tower has {count} layers")
+        return index
+
+
+def tokens_from_positions(per_position: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, ...) the rows of a (views, L_v, ...) tensor of the vision tower at `index` (B, N) into its
+    flattened (views * L_v) positions (`ModelAdapter.vision_token_index`); zeros where the index is -1."""
+    flat = per_position.reshape(-1, *per_position.shape[2:])  # (views * L_v, ...)
+    index = index.to(flat.device)
+    if index.numel() and int(index.max()) >= flat.shape[0]:
+        raise RuntimeError(
+            f"the vision tower saw {per_position.shape[0]} views of {per_position.shape[1]} positions, "
+            f"fewer than the visual tokens point into"
+        )
+    rows = flat[index.clamp(min=0)]  # (B, N, ...)
+    missing = (index < 0).view(*index.shape, *([1] * (rows.dim() - 2)))
+    return rows.masked_fill(missing, 0)
+
+
+def views_from_index(index: torch.Tensor, layout: VisualLayout, encoder: VisionEncoder) -> torch.Tensor:
+    """(B, N) long: the view of its image each token's encoder position lies in (0 = the image's first
+    view), -1 for tokens without a position and tokens that are not prunable."""
+    view = torch.where(index >= 0, index // encoder.positions, -1)  # (B, N) view in the batch
+    # An image's first view is the smallest view among its tokens (its base view always has tokens).
+    largest = torch.iinfo(torch.long).max
+    first = torch.zeros_like(view)
+    for image in range(int(layout.images_per_sample.max()) if view.numel() else 0):
+        of_image = layout.valid & (layout.image_index == image)  # (B, N)
+        smallest = torch.where(of_image & (view >= 0), view, largest).min(dim=1, keepdim=True).values
+        first = torch.where(of_image, smallest, first)  # (B, N)
+    in_grid = layout.valid & layout.prunable & (view >= 0)
+    return torch.where(in_grid, view - first, -1)
 
 
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model adapter")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pore.adapters.base import ADAPTERS, ModelAdapter, VisualLayout
+from pore.adapters.base import ADAPTERS, ModelAdapter, VisionEncoder, VisualLayout
 
 
 def llava_grid_shape(config) -> tuple[int, int]:
@@ -18,20 +18,24 @@ def llava_grid_shape(config) -> tuple[int, int]:
     return side, side
 
 
-def feature_layer_attention(tower: nn.Module, config: Any) -> tuple[nn.Module, Any]:
-    """The attention module of the CLIP encoder layer whose output the LLM reads, and the tower's config.
+def clip_vision_encoder(tower: nn.Module, config: Any) -> VisionEncoder:
+    """The CLIP encoder of a LLaVA-style model (`vision_tower`, the multimodal `config`).
 
     hidden_states[j] is the output of encoder layer j - 1 (j = 0: the embeddings), so the features of
     `vision_feature_layer` j come out of layer j - 1, and that layer's attention is the one that shaped them.
     """
-    layers = getattr(tower, "vision_model", tower).encoder.layers  # (older releases nest the encoder)
+    vision_model = getattr(tower, "vision_model", tower)  # (older releases nest the encoder)
+    layers = vision_model.encoder.layers
     feature_layer = config.vision_feature_layer
     if isinstance(feature_layer, (list, tuple)):
         feature_layer = feature_layer[-1]
     j = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
     if not 1 <= j <= len(layers):
         raise ValueError(f"vision_feature_layer {feature_layer} does not come out of an encoder layer")
-    return layers[j - 1].self_attn, tower.config
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    has_cls = hasattr(vision_model.embeddings, "class_embedding")
+    return VisionEncoder(layers, tower.config, j, side * side + int(has_cls), has_cls)
 
 
 @ADAPTERS.register("llava")
@@ -107,16 +111,20 @@ class LlavaAdapter(ModelAdapter):
             prunable=in_grid,
         )
 
-    def vision_scoring_attention(self) -> tuple[nn.Module, Any]:
-        return feature_layer_attention(self.multimodal_module().vision_tower, self.model.config)
+    # ------------------------------------------------------------------ the vision tower
 
-    def vision_token_scores(
-        self, cls_attention: torch.Tensor, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
+    def vision_encoder(self) -> VisionEncoder:
+        return clip_vision_encoder(self.multimodal_module().vision_tower, self.model.config)
+
+    def vision_token_index(
+        self, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
     ) -> torch.Tensor:
-        # cls_attention: (images, 1 + H * W), the images of the batch in order (sample 0's first).
-        patches = cls_attention[:, 1:]  # (images, H * W) without the [CLS] key itself
-        images_per_sample = layout.images_per_sample.tolist()
-        first_image = torch.tensor([0, *images_per_sample[:-1]], device=patches.device).cumsum(0)  # (B,)
-        image = (first_image[:, None] + layout.image_index).clamp(max=patches.shape[0] - 1)  # (B, N)
-        scores = patches[image, layout.raster.clamp(max=patches.shape[1] - 1)]  # (B, N)
-        return torch.where(layout.valid & layout.prunable, scores, torch.zeros_like(scores)).double()
+        """One view per image, the images of the batch in order (sample 0's first): a grid token's position
+        is 1 + its raster index (after the [CLS] position); a `full` [CLS] image token's is the [CLS]."""
+        encoder = self.vision_encoder()
+        images_per_sample = layout.images_per_sample
+        first_image = torch.cumsum(images_per_sample, 0) - images_per_sample  # (B,)
+        view = first_image[:, None] + layout.image_index  # (B, N) the image's view in the batch
+        patch = int(encoder.has_cls) + layout.raster  # (B, N)
+        within = torch.where(layout.prunable, patch, torch.zeros_like(patch))
+        return torch.where(layout.valid, view * encoder.positions + within, torch.full_like(view, -1))

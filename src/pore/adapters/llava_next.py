@@ -50,8 +50,8 @@ from torch import nn
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from pore import compat
-from pore.adapters.base import ADAPTERS, ModelAdapter, VisualLayout
-from pore.adapters.llava import feature_layer_attention
+from pore.adapters.base import ADAPTERS, ModelAdapter, VisionEncoder, VisualLayout
+from pore.adapters.llava import clip_vision_encoder
 
 PositionFrame = Literal["image", "tile"]
 POSITION_FRAMES: tuple[str, ...] = ("image", "tile")
@@ -87,6 +87,7 @@ class LlavaNextAdapter(ModelAdapter):
 
     name = "llava_next"
     default_frame: PositionFrame = "image"
+    encodes_views = True  # the base image and its tiles
 
     classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     model_types = ("llava_next",)
@@ -222,80 +223,49 @@ class LlavaNextAdapter(ModelAdapter):
             row[is_newline], col[is_newline] = row[follows], col[follows]
         return ImageTokens(part=part, row=row, col=col, grid_h=grid_h, grid_w=grid_w)
 
-    # ------------------------------------------------------------------ FasterVLM
+    # ------------------------------------------------------------------ the vision tower
 
-    def vision_scoring_attention(self) -> tuple[nn.Module, Any]:
-        return feature_layer_attention(self.multimodal_module().vision_tower, self.model.config)
+    def vision_encoder(self) -> VisionEncoder:
+        return clip_vision_encoder(self.multimodal_module().vision_tower, self.model.config)
 
-    def vision_token_scores(
-        self, cls_attention: torch.Tensor, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
+    def vision_token_index(
+        self, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
     ) -> torch.Tensor:
-        """Each token's score: the [CLS] attention of the view (base image or tile) it was encoded in, to
-        its own patch. cls_attention: (views, 1 + S * S), every image's views in batch order."""
+        """Every image is encoded as its base view then its tiles (the views of all images in batch order, as
+        `get_image_features` runs them): a base or high-resolution token's position is its view's first
+        position + 1 ([CLS]) + its raster index inside the view; newlines have none (-1)."""
         sizes = (image_inputs or {}).get("image_sizes")
         strategy = (image_inputs or {}).get("vision_feature_select_strategy") or self.default_strategy
         if sizes is None:
             raise ValueError(
-                "FasterVLM on LLaVA-NeXT needs each image's size to find its tiles: pass image_sizes to the "
-                "forward, or call pruner.set_image_sizes(...) before generate() (the pipeline does)"
+                "vision requests on LLaVA-NeXT (FasterVLM, per-view budgets, ...) need each image's size to "
+                "find its tiles: pass image_sizes to the forward, or call pruner.set_image_sizes(...) before "
+                "generate() (the pipeline does)"
             )
         if strategy != "default":
             raise NotImplementedError(
-                "FasterVLM on LLaVA-NeXT needs vision_feature_select_strategy='default'"
+                "vision requests on LLaVA-NeXT need vision_feature_select_strategy='default'"
             )
         sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else [list(s) for s in sizes]
-        config = self.model.config
+        positions = self.vision_encoder().positions  # 1 + S * S
         per_image, view_offset = [], 0
         for height, width in sizes:
             packed = self._packed_coordinates(int(height), int(width), strategy)  # (T, 4)
-            part, view = packed[:, 0], packed[:, 1] + 1  # view 0 = base image, 1.. = tiles
-            patch = 1 + packed[:, 2] * self.side + packed[:, 3]  # key index, after the [CLS] key
-            is_patch = part != NEWLINE
-            rows = (view_offset + view).clamp(min=0).to(cls_attention.device)
-            scores = cls_attention[rows, patch.clamp(min=0).to(cls_attention.device)]  # (T,)
-            per_image.append(torch.where(is_patch.to(scores.device), scores, torch.zeros_like(scores)))
+            part, view = packed[:, 0], view_offset + packed[:, 1] + 1  # view 0 = base image, 1.. = tiles
+            patch = 1 + packed[:, 2] * self.side + packed[:, 3]  # after the [CLS] position
+            per_image.append(torch.where(part != NEWLINE, view * positions + patch, -1))
             view_offset += image_size_to_num_patches(
-                (height, width), config.image_grid_pinpoints, self.encoder_size
+                (height, width), self.model.config.image_grid_pinpoints, self.encoder_size
             )
-        if view_offset != cls_attention.shape[0]:
-            raise RuntimeError(
-                f"the vision tower saw {cls_attention.shape[0]} views but the image sizes give {view_offset}"
-            )
-        scores = torch.zeros(layout.seq_index.shape, dtype=torch.float64, device=cls_attention.device)
-        first_image = 0
-        for b, images in enumerate(layout.images_per_sample.tolist()):
-            sample = (
-                torch.cat(per_image[first_image : first_image + images]) if images else scores.new_zeros(0)
-            )
-            scores[b, : sample.shape[0]] = sample.double()
-            first_image += images
-        return torch.where(layout.valid & layout.prunable, scores, torch.zeros_like(scores))
-
-    def vision_token_views(
-        self, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None
-    ) -> torch.Tensor:
-        """(B, N) long: 0 for base-view tokens, 1 + t for tokens of tile t, -1 for newlines and padding."""
-        sizes = (image_inputs or {}).get("image_sizes")
-        strategy = (image_inputs or {}).get("vision_feature_select_strategy") or self.default_strategy
-        if sizes is None:
-            raise ValueError(
-                "per-view budgets on LLaVA-NeXT need each image's size to find its tiles: pass image_sizes "
-                "to the forward, or call pruner.set_image_sizes(...) before generate()"
-            )
-        sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else [list(s) for s in sizes]
-        per_image = []
-        for height, width in sizes:
-            packed = self._packed_coordinates(int(height), int(width), strategy)  # (T, 4)
-            per_image.append(torch.where(packed[:, 0] != NEWLINE, packed[:, 1] + 1, -1))
-        views = torch.full(layout.seq_index.shape, -1, dtype=torch.long)
+        index = torch.full(layout.seq_index.shape, -1, dtype=torch.long)
         first_image = 0
         for b, images in enumerate(layout.images_per_sample.tolist()):
             if images:
                 sample = torch.cat(per_image[first_image : first_image + images])
-                views[b, : sample.shape[0]] = sample
+                index[b, : sample.shape[0]] = sample
             first_image += images
-        views = views.to(layout.seq_index.device)
-        return torch.where(layout.valid & layout.prunable, views, -1)
+        index = index.to(layout.seq_index.device)
+        return torch.where(layout.valid, index, -1)
 
     # ------------------------------------------------------------------ a batch
 

@@ -1,7 +1,7 @@
 """Measure a model's position bias: the last prompt token's attention over every image grid position.
 
 `Calibrator` runs the model unpruned (through `generate`, so the prefill is exactly the evaluation's) with
-the scoring attention wrapper of `pore.engine.tap` on the decoder layers K - 1 of the requested
+the pruner's attention tap (`pore.engine.tap`) on the decoder layers K - 1 of the requested
 pruning layers K, and averages, per grid size ("bucket"), the attention of the last prompt token to each
 image token, normalised per image: the image's attention is divided by its sum over the image's tokens and
 multiplied by their number, so 1 means the uniform share (see `pore.priors.calibrated`).
@@ -23,7 +23,7 @@ from torch import nn
 
 from pore.adapters import ModelAdapter, adapter_for
 from pore.calibration.fit import fit_forms
-from pore.engine import tap as scoring
+from pore.engine.tap import Tap, last_query_attention
 from pore.priors.calibrated import FORMAT, bucket_key
 
 
@@ -331,45 +331,30 @@ class Calibrator:
         self._captures: dict[int, _Capture] = {}
         # Per layer: the mean logit scale s_h of each image (how sharp its gravity softmax was), for the file.
         self._gravity_scales: dict[int, list[float]] = {layer: [] for layer in self.layers}
-        self._watched: list[nn.Module] = []
-        self._original: tuple[str, str] | None = None
+        self._tap: Tap | None = None  # while attached
         self.samples = 0
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _config_key(self) -> str:
-        config, text_config = self.model.config, self.adapter.language_model().config
-        for key in getattr(config, "sub_configs", {}):
-            if getattr(config, key, None) is text_config:
-                return key
-        return ""
-
     def attach(self) -> Calibrator:
-        if self._original is not None:
+        if self._tap is not None:
             return self
-        base = self.adapter.language_model().config._attn_implementation
-        if base.startswith(scoring.PREFIX):
-            raise RuntimeError(
-                "the model already uses a scoring attention (is a Pruner attached?); detach it"
-            )
-        key = self._config_key()
-        self.model.set_attn_implementation({key: scoring.scoring_implementation(base)})
-        self._original = (key, base)
-        decoder_layers = self.adapter.decoder_layers()
-        for layer in self.layers:
-            module = self.adapter.attention_module(decoder_layers[layer - 1])
-            scoring.watch(module, self._callback(layer))
-            self._watched.append(module)
+        tap = Tap(self.model)
+        try:
+            tap.switch(self.adapter.language_model().config)  # refuses a model a Pruner is attached to
+            decoder_layers = self.adapter.decoder_layers()
+            for layer in self.layers:
+                tap.watch(self.adapter.attention_module(decoder_layers[layer - 1]), self._callback(layer))
+        except BaseException:
+            tap.release()
+            raise
+        self._tap = tap
         return self
 
     def detach(self) -> None:
-        for module in self._watched:
-            scoring.unwatch(module)
-        self._watched = []
-        if self._original is not None:
-            key, base = self._original
-            self.model.set_attn_implementation({key: base})
-            self._original = None
+        if self._tap is not None:
+            self._tap.release()
+            self._tap = None
 
     def __enter__(self) -> Calibrator:
         return self.attach()
@@ -384,7 +369,7 @@ class Calibrator:
             if query.shape[2] != key.shape[2]:  # a decoding step (with a cache), not the prefill
                 return
             with torch.no_grad():
-                attention = scoring.last_query_attention(query, key, mask, scaling)  # (B, L)
+                attention = last_query_attention(query, key, mask, scaling)  # (B, L)
                 norms = self.gravity_enabled and self.gravity_error is None
                 self._captures[layer] = _Capture(
                     attention.float().cpu(),
@@ -412,7 +397,7 @@ class Calibrator:
     @torch.no_grad()
     def update(self, inputs: Mapping[str, torch.Tensor], **generate_kwargs: Any) -> int:
         """Run one left-padded batch (processor outputs) and add it; returns the number of images measured."""
-        if self._original is None:
+        if self._tap is None:
             raise RuntimeError("attach the Calibrator (use it as a context manager) before update()")
         input_ids = inputs["input_ids"]
         batch, length = input_ids.shape

@@ -24,6 +24,35 @@ class PruningRecord:
     stage_scores: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) float64: ranked scores
     _kept_raster: list[list[list[int]]] | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_stages(
+        cls,
+        layout: VisualLayout,
+        padding_mask: torch.Tensor,
+        num_layers: int,
+        stage_layers: list[int],
+        stage_kept: list[torch.Tensor],
+        stage_scores: list[torch.Tensor],
+    ) -> PruningRecord:
+        """The record of a prefill whose stages (before `stage_layers`) kept `stage_kept` (each (B, N) bool)
+        of the prompt's visual tokens `layout`; `padding_mask` (B, L) its real tokens."""
+        visual_before = layout.valid.sum(dim=1)  # (B,)
+        real_before = padding_mask.sum(dim=1)
+        visual = visual_before.expand(num_layers, -1).clone()  # (layers, B)
+        for layer, kept in zip(stage_layers, stage_kept, strict=True):
+            visual[layer:] = (layout.valid & kept).sum(dim=1)
+        return cls(
+            layer=stage_layers[0],
+            layout=layout,
+            kept=stage_kept[-1],
+            scores=stage_scores[0],
+            visual_tokens=visual,
+            sequence_lengths=real_before - (visual_before - visual),
+            stage_layers=list(stage_layers),
+            stage_kept=list(stage_kept),
+            stage_scores=list(stage_scores),
+        )
+
     @property
     def kept_raster(self) -> list[list[list[int]]]:
         """Per sample, per image: sorted indices of the grid tokens kept, counted among the image's prunable

@@ -1,17 +1,23 @@
-"""Scoring attention: see the last query's attention in one layer while SDPA / FlashAttention run as usual.
+"""The attention tap: see the query and key states of chosen attention calls while SDPA / FlashAttention run.
 
 transformers looks attention functions up by the name in `config._attn_implementation`. We register
-`pore_<base>` (e.g. `pore_sdpa`) as a thin wrapper that, for the one attention module a pruner watches,
-computes the last query's attention row from the query and key states it is handed (post-RoPE, grouped
-heads), then calls the base implementation unchanged. The full (L x L) attention matrix is never
+`pore_<base>` (e.g. `pore_sdpa`) as a thin wrapper that, for the attention modules someone watches, hands
+the query and key states it receives (post-RoPE, grouped heads), the mask and the scaling to the watchers'
+callbacks, then calls the base implementation unchanged. The full (L x L) attention matrix is never
 materialised, and the mask function of `pore_<base>` is the base's own, so masks keep their backend's
 format.
+
+One `Tap` serves one user (the Pruner, the Calibrator): it switches the sub-models it needs to the wrapper,
+watches modules with callbacks (several callbacks may watch one module: a method that asks for a layer's
+attention rows and its keys gets two), and `release()` undoes all of it. `query_attention` turns the states a
+callback receives into rows of attention.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
@@ -22,17 +28,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 PREFIX = "pore_"
 
-# Called as callback(query, key, attention_mask, scaling) for the attention modules a pruner watches.
-ScoreCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], None]
-_WATCHED: WeakKeyDictionary[nn.Module, ScoreCallback] = WeakKeyDictionary()
-
-
-def watch(module: nn.Module, callback: ScoreCallback) -> None:
-    _WATCHED[module] = callback
-
-
-def unwatch(module: nn.Module) -> None:
-    _WATCHED.pop(module, None)
+# Called as callback(query, key, attention_mask, scaling) for every call of a watched attention module:
+# query (B, H, L_q, d), key (B, H_kv, L_k, d) post-RoPE, the mask in the backend's format, the softmax scale.
+AttentionCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], None]
+_WATCHERS: WeakKeyDictionary[nn.Module, list[AttentionCallback]] = WeakKeyDictionary()
 
 
 def _base_function(module: nn.Module, base: str) -> Callable:
@@ -43,7 +42,7 @@ def _base_function(module: nn.Module, base: str) -> Callable:
 
 
 def scoring_implementation(base: str) -> str:
-    """Register (once) and return the name of the scoring wrapper around attention implementation `base`."""
+    """Register (once) and return the name of the tap's wrapper around attention implementation `base`."""
     if base.startswith(PREFIX):
         return base
     if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS.valid_keys():
@@ -51,12 +50,13 @@ def scoring_implementation(base: str) -> str:
     name = PREFIX + base
 
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-        callback = _WATCHED.get(module)
-        if callback is not None:
+        callbacks = _WATCHERS.get(module)
+        if callbacks:
             scaling = kwargs.get("scaling")
             if scaling is None:  # the backends' default: 1 / sqrt(head_dim)
                 scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-            callback(query, key, attention_mask, scaling)
+            for callback in tuple(callbacks):
+                callback(query, key, attention_mask, scaling)
         return _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
 
     if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
@@ -67,6 +67,56 @@ def scoring_implementation(base: str) -> str:
 
 def base_implementation(name: str) -> str:
     return name.removeprefix(PREFIX)
+
+
+def config_key(model: nn.Module, sub_config: Any) -> str:
+    """The key of `sub_config` in `model.config` as `set_attn_implementation` takes it ("" = top level)."""
+    config = model.config
+    for key in getattr(config, "sub_configs", {}):
+        if getattr(config, key, None) is sub_config:
+            return key
+    return ""
+
+
+class Tap:
+    """Switch sub-models of `model` to the wrapper and watch attention modules; `release()` undoes both."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._original: dict[str, str] = {}  # config key -> the implementation to restore
+        self._watching: list[tuple[nn.Module, AttentionCallback]] = []
+
+    def switch(self, sub_config: Any) -> None:
+        """Run the sub-model of `sub_config` through the wrapper (once; its base is restored on release)."""
+        key = config_key(self.model, sub_config)
+        if key in self._original:
+            return
+        base = sub_config._attn_implementation
+        if base.startswith(PREFIX):
+            raise RuntimeError(
+                "the model already runs the pore attention tap (is a Pruner or a Calibrator attached?); "
+                "detach it first"
+            )
+        self.model.set_attn_implementation({key: scoring_implementation(base)})
+        self._original[key] = base
+
+    def watch(self, module: nn.Module, callback: AttentionCallback) -> None:
+        """Call `callback` with the query / key states of every call of `module` (its sub-model switched)."""
+        _WATCHERS.setdefault(module, []).append(callback)
+        self._watching.append((module, callback))
+
+    def release(self) -> None:
+        """Stop watching and restore every attention implementation this tap switched."""
+        for module, callback in self._watching:
+            callbacks = _WATCHERS.get(module, [])
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                _WATCHERS.pop(module, None)
+        self._watching = []
+        if self._original:
+            self.model.set_attn_implementation(dict(self._original))
+            self._original = {}
 
 
 def query_attention(
@@ -120,3 +170,11 @@ def last_query_attention(
 ) -> torch.Tensor:
     """Softmax attention of the last query over all keys, averaged over heads: (B, L_k) float32."""
     return query_attention(query, key, attention_mask, scaling)[:, 0]
+
+
+def cls_attention(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """(views, L_v) float32: a bidirectional encoder's first ([CLS]) query's attention over its positions."""
+    first = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
+    return query_attention(query, key, attention_mask, scaling, first, causal=False)[:, 0]

@@ -3,16 +3,23 @@
 A method is a small class that turns what the engine observed at a pruning point into one score per visual
 token (higher = more worth keeping). The engine multiplies the scores by the prior's weights and keeps the
 top `keep` of each image; methods never deal with masks, caches or gathering. A method says what it needs
-to look at through class attributes, so the engine only pays for what is used:
+to look at as observation requests (`pore.methods.requests`), so the engine only pays for what is used:
 
-- `attention_queries = "last"`: the attention the last prompt token pays every position in layer K-1
+- `requests = (LastTokenAttention(),)`: the attention the last prompt token pays every position in layer K-1
   (FastV, PyramidDrop);
-- `attention_queries = "text"`: the attention every text token pays every position in layer K-1
+- `requests = (TextAttention(),)`: the attention every text token pays every position in layer K-1
   (SparseVLM's raters);
-- `vision_attention = True`: the vision encoder's [CLS] attention to its patches (FasterVLM).
+- `requests = (VisionAttention(),)`: the vision encoder's [CLS] attention to its patches (FasterVLM);
+- and the vision tower's hidden states, attention or keys of any encoder layer, the projected image
+  embeddings, the text embeddings, any earlier decoder layer's hidden states or keys: see
+  `pore.methods.requests` for what each delivers and in what shape.
 
-A method may also rewrite the hidden states of the tokens it keeps (`merge`: average pooling, token
-recycling); by default the kept tokens pass through unchanged.
+Requests that depend on the method's options come from `observations()`. The older class attributes
+(`attention_queries`, `vision_attention`, `scores_in_own_layer`, `needs_input_embeddings`) still work: they
+are shorthands that `observations()` turns into the same requests.
+
+After the engine's per-image top-k, a method may change which tokens stay and what they carry (`recycle`):
+average pooling, merging, recycled cluster centres; by default the kept tokens pass through unchanged.
 """
 
 from __future__ import annotations
@@ -20,12 +27,19 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from pore.adapters.base import VisualLayout
+from pore.methods.requests import (
+    LastTokenAttention,
+    PromptEmbeddings,
+    Request,
+    TextAttention,
+    VisionAttention,
+)
 from pore.registry import Registry
 
 
@@ -35,7 +49,9 @@ class ScoringInputs:
 
     Sequence positions refer to the sequence as it enters the pruning layer: at a later stage of a
     multi-stage strategy, `layout.seq_index` points into the already shortened sequence and `alive` marks
-    the visual tokens that earlier stages kept.
+    the visual tokens that earlier stages kept. What the method requested is `inputs[request]`
+    (`pore.methods.requests` says the shape of each); the named fields below hold the first requests under
+    their older names.
     """
 
     layout: VisualLayout
@@ -44,15 +60,18 @@ class ScoringInputs:
     attention_mask: torch.Tensor  # (B, L) 1 for real tokens, 0 for padding (original, unpruned)
     budget: Callable[[int], int]  # tokens to keep of an image, from its number of prunable tokens
     stage: int = 0  # index of the pruning stage
-    # (B, L_cur) attention of the last prompt token over the current sequence in layer K-1, mean over heads.
+    # (B, L_cur) attention of the last prompt token over the current sequence in layer K-1, mean over heads
+    # (`LastTokenAttention`).
     last_token_attention: torch.Tensor | None = None
-    # (B, Q, L_cur) attention of the text tokens at `text_positions` over the current sequence in layer K-1.
+    # (B, Q, L_cur) attention of the text tokens at `text_positions` over the current sequence in layer K-1
+    # (`TextAttention`).
     text_attention: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None  # (B, Q) bool: real text query (not padding of the Q axis)
-    # (B, N) the vision encoder's [CLS] attention to each visual token's patch (0 for tokens without one).
+    # (B, N) float64 the vision encoder's [CLS] attention to each visual token's patch (0 for tokens without
+    # one; `VisionAttention()`).
     vision_attention: torch.Tensor | None = None
     # (B, N) long: the encoder view of its image each token came from (LLaVA-NeXT: 0 base, 1.. tiles; -1
-    # none); None for families with one view per image. Filled for methods with `vision_attention`.
+    # none); None for families with one view per image. Filled for methods with a vision request.
     vision_views: torch.Tensor | None = None
     # (B, Q) long: where the text queries of `text_attention` sit in the current sequence.
     text_positions: torch.Tensor | None = None
@@ -60,8 +79,18 @@ class ScoringInputs:
     origin: torch.Tensor | None = None
     # (B, N) long: where each visual token sat in the prompt (`layout.seq_index` before any pruning).
     prompt_seq_index: torch.Tensor | None = None
-    # (B, L, D) the language model's input embeddings of the prompt (methods with `needs_input_embeddings`).
+    # (B, L, D) the language model's input embeddings of the prompt (`PromptEmbeddings`).
     input_embeddings: torch.Tensor | None = None
+    # Everything the method requested, by request.
+    observations: Mapping[Request, Any] = field(default_factory=dict)
+
+    def __getitem__(self, request: Request) -> Any:
+        """What `request` observed for this stage (its docstring gives the shape)."""
+        if request not in self.observations:
+            raise KeyError(
+                f"{request} was not observed: add it to the method's `requests` (or `observations()`)"
+            )
+        return self.observations[request]
 
     def candidates(self) -> torch.Tensor:
         """(B, N) bool: the visual tokens this stage may drop."""
@@ -74,10 +103,8 @@ class PruningMethod(ABC):
     Keyword arguments of `__init__` besides `seed` are the method's options (`strategy.options.<name>`).
     """
 
-    #: which attention rows of layer K-1 the engine must capture (None: none)
-    attention_queries: ClassVar[Literal["last", "text"] | None] = None
-    #: whether the engine must capture the vision encoder's [CLS] attention
-    vision_attention: ClassVar[bool] = False
+    #: what the engine must capture for `score` and `recycle` (`pore.methods.requests`)
+    requests: ClassVar[tuple[Request, ...]] = ()
     #: whether the method drops anything at all (`none` does not, and leaves the model untouched)
     prunes: ClassVar[bool] = True
     #: whether the choice depends on `seed` (a random draw): such a strategy is reported over several
@@ -86,19 +113,40 @@ class PruningMethod(ABC):
     #: the RoPE positions the method's official code gives the kept tokens (`strategy.positions=official`):
     #: "original" (masking: FastV) or "compact" (the tokens are removed: 0..L'-1, decoding continues from L')
     official_positions: ClassVar[Literal["original", "compact"]] = "original"
-    #: whether the attention rows come from layer K itself (its input norm + q/k projections applied to its
-    #: input, PyramidDrop's official scoring) instead of layer K-1's attention; set per instance
+
+    # Shorthands for the first requests, kept for methods written with them (`observations()` maps them):
+    #: "last" = `LastTokenAttention()`, "text" = `TextAttention()`
+    attention_queries: ClassVar[Literal["last", "text"] | None] = None
+    #: True = `VisionAttention()`
+    vision_attention: ClassVar[bool] = False
+    #: with `attention_queries`: the rows come from layer K itself (`own_layer=True`); set per instance
     scores_in_own_layer: bool = False
-    #: whether the engine must keep the prompt's input embeddings for `score` (set per instance)
+    #: True = `PromptEmbeddings()`; set per instance
     needs_input_embeddings: bool = False
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    @property
-    def needs_attention(self) -> bool:
-        """Whether the engine must watch layer K-1's attention."""
-        return self.attention_queries is not None
+    def observations(self) -> tuple[Request, ...]:
+        """Every request of this instance: `requests`, plus what the shorthands ask for. Methods whose
+        requests depend on their options override it."""
+        shorthands: list[Request] = []
+        if self.attention_queries is not None:
+            kind = LastTokenAttention if self.attention_queries == "last" else TextAttention
+            shorthands.append(kind(own_layer=self.scores_in_own_layer))
+        if self.vision_attention:
+            shorthands.append(VisionAttention())
+        if self.needs_input_embeddings:
+            shorthands.append(PromptEmbeddings())
+        return tuple(dict.fromkeys((*self.requests, *shorthands)))
+
+    @classmethod
+    def lowest_layer(cls) -> int:
+        """The smallest pruning layer K its class-level requests allow (1 when it reads layer K-1)."""
+        requests = list(cls.requests)
+        if cls.attention_queries is not None:
+            requests.append(LastTokenAttention())
+        return max((request.lowest_layer for request in requests), default=0)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -124,9 +172,22 @@ class PruningMethod(ABC):
     def recycle(
         self, inputs: ScoringInputs, hidden: torch.Tensor, kept: torch.Tensor, scores: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden states, kept) after the engine's per-image top-k: a method may change which tokens stay
-        (SparseVLM keeps cluster centres of the dropped tokens, FasterVLM splits an image's budget between
-        its views) and their hidden states; `scores` (B, N) are the ranked scores. Default: `merge` only."""
+        """(hidden states, kept) after the engine's per-image top-k; default: `merge` only.
+
+        hidden: (B, L_cur, D) what layer K receives, the current sequence (visual token n of sample b sits at
+        `inputs.layout.seq_index[b, n]`); kept: (B, N) bool, the engine's choice; scores: (B, N) the ranked
+        scores (method score x prior). The engine then keeps every non-visual token and the visual tokens the
+        returned `kept` marks, with the returned hidden states, each at its slot's RoPE position. So a method
+        may:
+
+        - rewrite what kept tokens carry (average pooling, merging dropped tokens into kept ones);
+        - keep more tokens, or other ones, than the top-k (SparseVLM's recycled cluster centres, FasterVLM's
+          per-view budgets);
+        - put new tokens into the slots of dropped ones: write the new hidden state at a dropped token's
+          slot and mark it kept (VisionZip's merged contextual tokens take the places of tokens it drops).
+
+        Only visual tokens still in the sequence (`inputs.alive`) can be kept.
+        """
         return self.merge(inputs, hidden, kept), kept
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from pore.methods.base import METHODS, PruningMethod, ScoringInputs
+from pore.methods.requests import VisionAttention
 
 BUDGETS = ("per_view", "joint")
 
@@ -47,7 +48,7 @@ def view_quotas(budget: int, sizes: list[int]) -> list[int]:
 @METHODS.register("fastervlm")
 class FasterVLM(PruningMethod):
     official_positions = "compact"  # the official code removes the tokens (docs/methods.md)
-    vision_attention = True
+    requests = (VisionAttention(),)  # the [CLS] row of the encoder layer behind the features
 
     def __init__(self, seed: int = 0, budget: str = "per_view") -> None:
         super().__init__(seed)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from pore.methods.base import METHODS, PruningMethod, ScoringInputs
+from pore.methods.requests import LastTokenAttention
 
 
 @METHODS.register("fastv")
 class FastV(PruningMethod):
-    attention_queries = "last"
+    requests = (LastTokenAttention(),)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         assert inputs.last_token_attention is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from pore.methods.base import METHODS, PruningMethod, ScoringInputs
+from pore.methods.requests import LastTokenAttention, Request
 
 SCORE_FROM = ("own_layer", "previous_layer")
 
@@ -31,7 +32,7 @@ SCORE_FROM = ("own_layer", "previous_layer")
 @METHODS.register("pdrop")
 class PyramidDrop(PruningMethod):
     official_positions = "compact"  # the official code removes the tokens (docs/methods.md)
-    attention_queries = "last"
+    requests = (LastTokenAttention(),)
 
     def __init__(self, seed: int = 0, score_from: str = "own_layer") -> None:
         super().__init__(seed)
@@ -39,7 +40,10 @@ class PyramidDrop(PruningMethod):
             raise ValueError(
                 f"pdrop: unknown options.score_from {score_from!r}; valid values: {', '.join(SCORE_FROM)}"
             )
-        self.scores_in_own_layer = score_from == "own_layer"
+        self.own_layer = score_from == "own_layer"
+
+    def observations(self) -> tuple[Request, ...]:
+        return (LastTokenAttention(own_layer=self.own_layer),)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         assert inputs.last_token_attention is not None

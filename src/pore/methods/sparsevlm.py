@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from pore.methods.base import METHODS, PruningMethod, ScoringInputs
+from pore.methods.requests import PromptEmbeddings, Request, TextAttention
 
 RATERS = ("official", "attention", "attention_all_text")
 RECYCLE = ("none", "cluster", "similar")
@@ -52,7 +53,7 @@ TOKENS_PER_CLUSTER = 10  # official: int(recycled / 10) + 1 clusters
 @METHODS.register("sparsevlm")
 class SparseVLM(PruningMethod):
     official_positions = "compact"  # the official code removes the tokens (docs/methods.md)
-    attention_queries = "text"
+    requests = (TextAttention(),)
 
     def __init__(
         self, seed: int = 0, raters: str = "official", recycle: str = "none", merge: bool | None = None
@@ -72,7 +73,10 @@ class SparseVLM(PruningMethod):
             )
         self.raters = raters
         self.recycle_mode = recycle
-        self.needs_input_embeddings = raters == "official"
+
+    def observations(self) -> tuple[Request, ...]:
+        # The official raters are chosen from the prompt's input embeddings.
+        return (*self.requests, PromptEmbeddings()) if self.raters == "official" else self.requests
 
     # ------------------------------------------------------------------ scoring
 

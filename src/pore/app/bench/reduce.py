@@ -23,7 +23,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from pore import adapter_for, compat
-from pore.engine.pruner import gather_sequence
+from pore.engine import gather_sequence
 
 
 class SequenceReducer:
