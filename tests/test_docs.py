@@ -26,7 +26,7 @@ from pore.app.cli import CONFIG_DIR
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 HYDRA_PROGRAMS = {"run": "config", "calibrate": "calibrate", "bench": "bench"}
-ARGPARSE_PROGRAMS = ("viz", "sweep")
+ARGPARSE_PROGRAMS = ("viz", "sweep", "compare")
 FENCE = re.compile(r"^```(\S*)\s*(.*)$")
 ENVIRONMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*$")
 # Shown for a user to fill in (or with a plug-in folder of the user's): not a command as written.
