@@ -30,6 +30,8 @@ from pore.adapters import adapter_for
 from pore.adapters.llava_next import BASE, HIGH_RES, NEWLINE, LlavaNextAdapter
 from pore.testing.tiny_next import build_tiny_next_checkpoint
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 PARTS = {"base": BASE, "high": HIGH_RES, "newline": NEWLINE}
 # Three samples of different image sizes (and prompt lengths): 52, 46 and 88 visual tokens.
 BATCH_SIZES = [[(20, 40)], [(48, 30)], [(40, 40)]]

@@ -29,6 +29,8 @@ from pore.app.bench.timing import Summary
 from pore.app.bench.workload import Workload
 from pore.testing.tiny_llava import tiny_llava_config
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_TOKEN = 100
 GRID = 6  # 36 image tokens

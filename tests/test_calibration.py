@@ -32,6 +32,8 @@ from pore.calibration.measure import Calibrator, RopeGravity
 from pore.priors import PriorConfig
 from pore.priors.calibrated import FORMAT, calibrated_weights, save_prior_file
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 PLANTED_LAYER = 1  # decoder layer whose attention is planted: what strategy.layer = 2 scores
 PAIR = 3  # rotary pair of the planted direction: slow enough to be monotone over the image's distances
 

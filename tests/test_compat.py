@@ -22,6 +22,8 @@ from pore.app.evaluation.module import VLMEvaluator
 from pore.data import BENCHMARKS
 from pore.engine.record import PruningRecord
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = make_prompt([1, 5, 6], 1, [7, 8, 9])
 

@@ -23,6 +23,8 @@ import torch
 from families import FAMILIES, PRIOR_CASES, Family, positions_from_mask
 from pore import ADAPTERS, Pruner, Strategy, build_strategy
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 ATTENTION = ["sdpa", "eager"]
 NEW_TOKENS = 6
 

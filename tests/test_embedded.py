@@ -15,6 +15,8 @@ from pipeline_fixtures import OFFLINE_ENV, REPO, RUN
 from pore.app.evaluate import evaluate
 from pore.app.identity import register_resolvers
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 SPLIT = 400  # the whole shipped test split: 100 questions of each type, top and bottom alike
 
 

@@ -15,6 +15,8 @@ from families import llava_model
 from pore import Pruner, build_strategy
 from reference import kept_positions_from_raster, reference_compact_logits, reference_pruned_logits
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 PROMPTS = [
     make_prompt([1, 5, 6], 1, [7, 8, 9, 10]),
     make_prompt([1, 11], 1, [12, 13, 14, 15, 16, 17]),

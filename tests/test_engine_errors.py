@@ -9,6 +9,8 @@ from torch import nn
 from conftest import TOKENS_PER_IMAGE, build_tiny_llava, left_pad, make_prompt, pixels
 from pore import Pruner, build_strategy
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 PROMPT = make_prompt([1, 5], 1, [7, 8])
 
 

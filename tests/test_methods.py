@@ -22,6 +22,8 @@ from pore.methods.pool import window_grid, window_of_cells
 from pore.methods.sparsevlm import density_peak_clusters
 from reference import merged_embeddings, reference_kept_raster
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 PROMPTS = [
     make_prompt([1, 5, 6], 1, [7, 8, 9, 10]),
     make_prompt([1, 11], 1, [12, 13, 14, 15, 16, 17]),

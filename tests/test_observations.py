@@ -36,6 +36,8 @@ from qwen_reference import sample_inputs as qwen_sample
 from qwen_reference import tiny_model as qwen_model
 from reference import merged_embeddings
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 ATOL = 1e-5
 
 

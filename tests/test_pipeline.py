@@ -15,6 +15,8 @@ import pytest
 from pipeline_fixtures import OFFLINE_ENV, REPO, RUN, run_cli, run_program, write_vqa_parquet
 from pore.testing.tiny_llava import build_tiny_checkpoint
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -26,6 +26,8 @@ from pore.adapters import ModelFacts
 from pore.app.config import build_strategy as strategy_from_config
 from pore.app.identity import register_resolvers
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PROMPTS = [make_prompt([1, 5, 6], 1, [7, 8, 9, 10]), make_prompt([1, 11], 1, [12, 13, 14, 15, 16, 17])]
 SIGMA = 0.98  # pore_authors_fastv

@@ -15,6 +15,8 @@ from pore import ModelFacts, Pruner, Strategy, build_strategy, presets
 from pore.assets import asset_path
 from pore.registry import UnknownNameError
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 EMBEDDED_TOKENS = 64  # the embedded model's 8 x 8 grid
 
 # Presets written for LLaVA-1.5 (576 tokens, 32 layers) whose budgets or stages do not fit the 4-layer,

@@ -20,6 +20,8 @@ from pore.testing.tiny_llava import (
     main,
 )
 
+pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs it on both ends
+
 GRID = 8
 TOKENS_PER_IMAGE = GRID * GRID
 
