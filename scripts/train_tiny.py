@@ -2,11 +2,11 @@
 
     python scripts/train_tiny.py assets/tiny-llava --steps 3000 --seed 0
 
-Everything is built here: the word-level tokenizer and processor (pore.testing.tiny_llava), the CLIP + Llama config, the
-synthetic train split (pore.testing.spatial, seed of the "train" split). The loss is on the answer tokens only, with
-the prompt in the model's own chat template, exactly as the evaluation will prompt it. Runs on a GPU when
-one is there, else on the CPU; prints the command, the seed and the training time, and writes them to
-`training.json` beside the checkpoint.
+Everything is built here: the word-level tokenizer and processor (pore.testing.tiny_llava), the CLIP + Llama
+config, the synthetic train split (pore.testing.spatial, seed of the "train" split). The loss is on the answer
+tokens only, with the prompt in the model's own chat template, exactly as the evaluation will prompt it. Runs
+on a GPU when one is there, else on the CPU; prints the command, the seed and the training time, and writes
+them to `training.json` beside the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +112,7 @@ def accuracy(model, processor, images, sequences, prompt_lengths, rows, device, 
     return correct / len(rows)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -129,21 +130,16 @@ def main() -> None:
     parser.add_argument(
         "--init", type=Path, help="continue training from this checkpoint (a new LR schedule)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    started = time.time()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    train_rows = generate("train", args.train_samples)
-    val_rows = generate("val", 256)
+def build(args: argparse.Namespace, train_rows: list[dict], device: torch.device) -> tuple[Any, Any, Any]:
+    """(model, processor, the record of the checkpoint continued from or None), ready to train."""
     processor = build_processor(image_size=GRID * PATCH, patch_size=PATCH, words=vocabulary_words(train_rows))
     tokenizer = processor.tokenizer
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = tiny_llava_config(
         vocab_size=len(tokenizer),
-        image_token_id=image_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -161,17 +157,26 @@ def main() -> None:
         model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(args.init)
         previous = json.loads((args.init / "training.json").read_text())
+    tokenizer = processor.tokenizer
     model = model.to(device).train()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.max_new_tokens = 16
-    model.generation_config.do_sample = False
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"{parameters / 1e6:.2f}M parameters on {device}; vocabulary {len(tokenizer)}", flush=True)
+    generation = model.generation_config
+    generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    generation.bos_token_id, generation.max_new_tokens, generation.do_sample = (
+        tokenizer.bos_token_id,
+        16,
+        False,
+    )
+    return model, processor, previous
 
-    images, sequences, prompt_lengths = encode(processor, train_rows)
-    val_images, val_sequences, val_prompts = encode(processor, val_rows)
+
+def train(
+    args: argparse.Namespace, model: Any, processor: Any, rows: dict[str, list[dict]], device: torch.device
+) -> list[dict[str, Any]]:
+    """AdamW with a warm-up and a cosine decay; the validation accuracy every `--eval-every` steps."""
+    started = time.time()
+    pad = processor.tokenizer.pad_token_id
+    images, sequences, prompt_lengths = encode(processor, rows["train"])
+    val_images, val_sequences, val_prompts = encode(processor, rows["val"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, args.steps // 20)
 
@@ -184,15 +189,14 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     history = []
     for step in range(args.steps):
-        index = torch.randint(len(train_rows), (args.batch_size,), generator=generator).tolist()
+        index = torch.randint(len(rows["train"]), (args.batch_size,), generator=generator).tolist()
         ids, mask, labels = batch_tensors(
-            [sequences[i] for i in index], [prompt_lengths[i] for i in index], tokenizer.pad_token_id
+            [sequences[i] for i in index], [prompt_lengths[i] for i in index], pad
         )
-        pixels = normalise(images[index], processor)
         loss = model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
-            pixel_values=pixels.to(device),
+            pixel_values=normalise(images[index], processor).to(device),
             labels=labels.to(device),
         ).loss
         loss.backward()
@@ -203,9 +207,25 @@ def main() -> None:
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            acc = accuracy(model, processor, val_images, val_sequences, val_prompts, val_rows, device)
+            acc = accuracy(model, processor, val_images, val_sequences, val_prompts, rows["val"], device)
             history.append({"step": step + 1, "loss": loss.item(), "val_accuracy": acc})
             print(f"step {step + 1}: val accuracy {acc:.3f}", flush=True)
+    return history
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = {"train": generate("train", args.train_samples), "val": generate("val", 256)}
+    model, processor, previous = build(args, rows["train"], device)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(
+        f"{parameters / 1e6:.2f}M parameters on {device}; vocabulary {len(processor.tokenizer)}", flush=True
+    )
+    history = train(args, model, processor, rows, device)
 
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from pore.app import checks, network
 from pore.app import config as build
 from pore.app.preflight import check_data, read_model_facts
-from pore.calibration.measure import Calibrator, LayerCalibration
+from pore.calibration.measure import Calibrator
 from pore.data import Benchmark, BenchmarkStream, PromptCollator, StreamSource
 from pore.errors import UserError, one_line
 from pore.priors.calibrated import LAYER_FILE, save_prior_file
@@ -133,8 +133,30 @@ def calibrate(cfg: DictConfig) -> dict[int, Path]:
             "write to"
         ) from None
     torch.manual_seed(int(cfg.seed))
+    model, calibrator, failed = measure(cfg, layers, BenchmarkStream(benchmark, source))
+    metadata = {**_metadata(cfg, calibrator, model), "failed": failed}
+    written: dict[int, Path] = {}
+    priors: dict[int, dict[str, Any]] = {}
+    for layer, result in calibrator.results().items():
+        priors[layer] = result.to_prior(metadata)
+        written[layer] = save_prior_file(priors[layer], output_dir / LAYER_FILE.format(layer=layer))
+    figures = draw(priors, output_dir) if bool(cfg.calibrate.figures) else {}
+    if str(cfg.logger.kind) == "wandb":
+        _log_wandb(cfg, priors, figures, written)
+    print(summary(priors))
+    for layer, path in written.items():
+        print(f"layer {layer}: {path}")
+    if figures:
+        print(f"pictures in {output_dir}: {', '.join(sorted(p.name for p in figures.values()))}")
+    print(
+        f"use it: python src/run.py model={cfg.model.name} strategy=pore_calibrated "
+        f"strategy.prior.path={output_dir} strategy.prior.form=profile"
+    )
+    return written
 
-    stream = BenchmarkStream(benchmark, source)
+
+def measure(cfg: DictConfig, layers: list[int], stream: BenchmarkStream) -> tuple[Any, Calibrator, int]:
+    """The model run unpruned over the stream, the calibrator attached: (model, calibrator, failed rows)."""
     model, processor = build.load_model_and_processor(cfg)
     device = torch.device("cuda" if build.uses_gpu(cfg) else "cpu")
     model.to(device)
@@ -163,53 +185,35 @@ def calibrate(cfg: DictConfig) -> dict[int, Path]:
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             images += calibrator.update(inputs, pad_token_id=processor.tokenizer.pad_token_id)
-    seconds = time.perf_counter() - started
     if calibrator.gravity_error:
         log.warning("gravity not computed: %s", calibrator.gravity_error)
-    log.info("measured %d image grids (%d rows failed) in %.1f s", images, failed, seconds)
+    log.info(
+        "measured %d image grids (%d rows failed) in %.1f s", images, failed, time.perf_counter() - started
+    )
+    return model, calibrator, failed
 
-    metadata = _metadata(cfg, calibrator, model)
-    metadata["failed"] = failed
-    written: dict[int, Path] = {}
-    priors: dict[int, dict[str, Any]] = {}
-    results: dict[int, LayerCalibration] = calibrator.results()
-    for layer, result in results.items():
-        prior = result.to_prior(metadata)
-        path = save_prior_file(prior, output_dir / LAYER_FILE.format(layer=layer))
-        written[layer], priors[layer] = path, prior
+
+def draw(priors: dict[int, dict[str, Any]], output_dir: Path) -> dict[str, Path]:
+    """Each layer's heatmap (one per grid size) and by-row profile, and the layers together by row."""
+    from pore.app.viz.figures import plot_calibration_by_row, plot_calibration_heatmap
 
     figures: dict[str, Path] = {}
-    if bool(settings.figures):
-        from pore.app.viz.figures import plot_calibration_by_row, plot_calibration_heatmap
-
-        for layer, prior in priors.items():
-            figures[f"layer{layer}_heatmap"] = plot_calibration_heatmap(
-                prior, output_dir / f"layer{layer}_heatmap.png"
+    for layer, prior in priors.items():
+        figures[f"layer{layer}_heatmap"] = plot_calibration_heatmap(
+            prior, output_dir / f"layer{layer}_heatmap.png"
+        )
+        figures[f"layer{layer}_by_row"] = plot_calibration_by_row(
+            [prior], output_dir / f"layer{layer}_by_row.png"
+        )
+        for key in list(prior["buckets"])[1:]:  # grids that vary (tiles, resolutions): one each
+            figures[f"layer{layer}_heatmap_{key}"] = plot_calibration_heatmap(
+                prior, output_dir / f"layer{layer}_heatmap_{key}.png", bucket=key
             )
-            figures[f"layer{layer}_by_row"] = plot_calibration_by_row(
-                [prior], output_dir / f"layer{layer}_by_row.png"
-            )
-            for key in list(prior["buckets"])[1:]:  # grids that vary (tiles, resolutions): one each
-                figures[f"layer{layer}_heatmap_{key}"] = plot_calibration_heatmap(
-                    prior, output_dir / f"layer{layer}_heatmap_{key}.png", bucket=key
-                )
-        if len(priors) > 1:
-            figures["by_row_layers"] = plot_calibration_by_row(
-                list(priors.values()), output_dir / "by_row_layers.png", fits=False
-            )
-    if str(cfg.logger.kind) == "wandb":
-        _log_wandb(cfg, priors, figures, written)
-
-    print(summary(priors))
-    for layer, path in written.items():
-        print(f"layer {layer}: {path}")
-    if figures:
-        print(f"pictures in {output_dir}: {', '.join(sorted(p.name for p in figures.values()))}")
-    print(
-        f"use it: python src/run.py model={cfg.model.name} strategy=pore_calibrated "
-        f"strategy.prior.path={output_dir} strategy.prior.form=profile"
-    )
-    return written
+    if len(priors) > 1:
+        figures["by_row_layers"] = plot_calibration_by_row(
+            list(priors.values()), output_dir / "by_row_layers.png", fits=False
+        )
+    return figures
 
 
 def _log_wandb(

@@ -314,6 +314,10 @@ class Runner:
         if returncode != 0:
             attrs["failure"] = f"exit {returncode}, see {log_path}"
             return None, attrs
+        return self._read_metric(claim, attrs)
+
+    def _read_metric(self, claim: Claim, attrs: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
+        """The trial's metric from its metrics.json (None with the reason in `attrs` when it has none)."""
         try:
             metrics = json.loads((claim.output_dir / "metrics.json").read_text())
         except (OSError, json.JSONDecodeError) as error:

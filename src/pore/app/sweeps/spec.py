@@ -168,6 +168,30 @@ def _check_choice(name: str, value: Any) -> Scalar:
 
 def parse_parameter(name: str, spec: Any) -> Parameter:
     """One entry of `parameters:`, in W&B's syntax, including W&B's inference of a missing distribution."""
+    _check_parameter_keys(name, spec)
+    distribution = spec.get("distribution")
+    if "value" in spec:
+        if distribution not in (None, "constant") or "values" in spec:
+            raise SweepSpecError(f"parameter {name!r}: `value` is a single fixed value; drop the other keys")
+        return Parameter(name, "constant", (_check_choice(name, spec["value"]),))
+    if "values" in spec:
+        if distribution not in (None, "categorical"):
+            raise SweepSpecError(
+                f"parameter {name!r}: `values` goes with `distribution: categorical` (or none), "
+                f"not {distribution!r}"
+            )
+        values = spec["values"]
+        if not isinstance(values, list) or not values:
+            raise SweepSpecError(f"parameter {name!r}: `values` must be a non-empty list, got {values!r}")
+        choices = tuple(_check_choice(name, value) for value in values)
+        if len(set(map(repr, choices))) != len(choices):
+            raise SweepSpecError(f"parameter {name!r}: `values` lists a value twice: {list(choices)}")
+        return Parameter(name, "categorical", choices)
+    return _parse_range(name, spec, distribution)
+
+
+def _check_parameter_keys(name: str, spec: Any) -> None:
+    """The forms W&B accepts and this runner supports; the others refused with what to write instead."""
     if not isinstance(spec, Mapping):
         raise SweepSpecError(f"parameter {name!r} must be a mapping: {PARAMETER_FORMS}; got {spec!r}")
     if "parameters" in spec:
@@ -187,24 +211,10 @@ def parse_parameter(name: str, spec: Any) -> Parameter:
             f"parameter {name!r}: unsupported key(s) {unknown}; supported: {PARAMETER_FORMS} "
             f"(distributions: {', '.join(DISTRIBUTIONS)})"
         )
-    distribution = spec.get("distribution")
-    if "value" in spec:
-        if distribution not in (None, "constant") or "values" in spec:
-            raise SweepSpecError(f"parameter {name!r}: `value` is a single fixed value; drop the other keys")
-        return Parameter(name, "constant", (_check_choice(name, spec["value"]),))
-    if "values" in spec:
-        if distribution not in (None, "categorical"):
-            raise SweepSpecError(
-                f"parameter {name!r}: `values` goes with `distribution: categorical` (or none), "
-                f"not {distribution!r}"
-            )
-        values = spec["values"]
-        if not isinstance(values, list) or not values:
-            raise SweepSpecError(f"parameter {name!r}: `values` must be a non-empty list, got {values!r}")
-        choices = tuple(_check_choice(name, value) for value in values)
-        if len(set(map(repr, choices))) != len(choices):
-            raise SweepSpecError(f"parameter {name!r}: `values` lists a value twice: {list(choices)}")
-        return Parameter(name, "categorical", choices)
+
+
+def _parse_range(name: str, spec: Mapping[str, Any], distribution: str | None) -> Parameter:
+    """A parameter drawn from [min, max] (uniform, int_uniform, log_uniform_values, q_uniform)."""
     if "min" not in spec or "max" not in spec:
         raise SweepSpecError(f"parameter {name!r} needs {PARAMETER_FORMS}; got {dict(spec)}")
     low, high = spec["min"], spec["max"]
