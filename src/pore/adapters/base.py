@@ -122,13 +122,14 @@ class ModelAdapter(ABC):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    @abstractmethod
     def multimodal_module(self) -> nn.Module:
-        """The module whose forward receives `input_ids` (to locate the image tokens)."""
+        """The module whose forward receives `input_ids` (to locate the image tokens): the `...Model` inside a
+        `...ForConditionalGeneration` (transformers' layout for every VLM), or the model itself."""
+        return self.model.model if hasattr(self.model, "lm_head") else self.model
 
-    @abstractmethod
     def language_model(self) -> nn.Module:
         """The decoder-only language model (its forward receives the merged embeddings)."""
+        return self.multimodal_module().language_model
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model().layers
@@ -136,9 +137,10 @@ class ModelAdapter(ABC):
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
-    @abstractmethod
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool: which positions of `input_ids` hold visual tokens (prunable or not)."""
+        """(B, L) bool: which positions of `input_ids` hold visual tokens (prunable or not); by default the
+        config's `image_token_id` placeholders."""
+        return input_ids == self.model.config.image_token_id
 
     @abstractmethod
     def visual_layout(
@@ -252,6 +254,21 @@ def views_from_index(index: torch.Tensor, layout: VisualLayout, encoder: VisionE
         first = torch.where(of_image, smallest, first)  # (B, N)
     in_grid = layout.valid & layout.prunable & (view >= 0)
     return torch.where(in_grid, view - first, -1)
+
+
+def visual_slots(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The visual tokens of a batch left-aligned per sample, the layout's (B, N) axes.
+
+    is_visual: (B, L) bool. Returns seq_index (B, N) long (position in the sequence, 0 in batch-padding
+    slots), slot (B, N) long (the token's rank among its sample's visual tokens), valid (B, N) bool, and
+    counts (B,) long, with N the largest count of the batch.
+    """
+    counts = is_visual.sum(dim=1)  # (B,)
+    batch, n = is_visual.shape[0], int(counts.max()) if counts.numel() else 0
+    order = torch.argsort((~is_visual).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, N)
+    slot = torch.arange(n, device=is_visual.device).expand(batch, n)  # (B, N)
+    valid = slot < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), slot, valid, counts
 
 
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model adapter")

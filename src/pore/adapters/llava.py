@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pore.adapters.base import ADAPTERS, ModelAdapter, VisionEncoder, VisualLayout
+from pore.adapters.base import ADAPTERS, ModelAdapter, VisionEncoder, VisualLayout, visual_slots
 
 
 def llava_grid_shape(config) -> tuple[int, int]:
@@ -68,20 +68,10 @@ class LlavaAdapter(ModelAdapter):
         # "full" keeps the CLS token in front of the patch tokens: one extra token per image, not in the grid.
         self.extra_leading_tokens = 1 if strategy == "full" else 0
 
-    def multimodal_module(self) -> nn.Module:
-        return self.model.model if hasattr(self.model, "lm_head") else self.model
-
-    def language_model(self) -> nn.Module:
-        return self.multimodal_module().language_model
-
-    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.image_token_id
-
     def visual_layout(
         self, input_ids: torch.Tensor, image_inputs: Mapping[str, Any] | None = None
     ) -> VisualLayout:
-        is_image = self.visual_token_mask(input_ids)  # (B, L)
-        counts = is_image.sum(dim=1)  # (B,)
+        seq_index, slot, valid, counts = visual_slots(self.visual_token_mask(input_ids))  # (B, N) each
         tokens_per_image = self.grid_h * self.grid_w + self.extra_leading_tokens
         if bool((counts % tokens_per_image != 0).any()):
             raise ValueError(
@@ -89,12 +79,6 @@ class LlavaAdapter(ModelAdapter):
                 f"(a {self.grid_h} x {self.grid_w} grid), "
                 f"but the prompts hold {counts.tolist()}; build prompts with the model's own processor"
             )
-        batch, n = input_ids.shape[0], int(counts.max()) if counts.numel() else 0
-        # Sequence positions of the image tokens, left-aligned per sample; padding slots point at position 0.
-        order = torch.argsort((~is_image).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, N)
-        slot = torch.arange(n, device=input_ids.device).expand(batch, n)  # (B, N)
-        valid = slot < counts[:, None]
-        seq_index = torch.where(valid, order, torch.zeros_like(order))
         within = (
             slot % tokens_per_image - self.extra_leading_tokens
         )  # index inside the image's grid; -1 = CLS

@@ -110,15 +110,6 @@ class LlavaNextAdapter(ModelAdapter):
         # as a benchmark may hold thousands of sizes of ~3k tokens each).
         self._cache: OrderedDict[tuple[int, int, str], ImageTokens] = OrderedDict()
 
-    def multimodal_module(self) -> nn.Module:
-        return self.model.model if hasattr(self.model, "lm_head") else self.model
-
-    def language_model(self) -> nn.Module:
-        return self.multimodal_module().language_model
-
-    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.image_token_id
-
     # ------------------------------------------------------------------ one image
 
     def image_tokens(self, height: int, width: int, strategy: str | None = None) -> ImageTokens:

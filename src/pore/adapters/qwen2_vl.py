@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pore.adapters.base import ADAPTERS, ModelAdapter, VisualLayout
+from pore.adapters.base import ADAPTERS, ModelAdapter, VisualLayout, visual_slots
 
 QWEN_VL_CLASSES: tuple[str, ...] = (
     "Qwen2VLForConditionalGeneration",
@@ -59,29 +59,12 @@ class Qwen2VLAdapter(ModelAdapter):
         self.image_token_id: int = config.image_token_id
         self.merge: int = config.vision_config.spatial_merge_size
 
-    def multimodal_module(self) -> nn.Module:
-        return self.model.model if hasattr(self.model, "lm_head") else self.model
-
-    def language_model(self) -> nn.Module:
-        return self.multimodal_module().language_model
-
-    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.image_token_id
-
     def visual_layout(
         self, input_ids: torch.Tensor, image_inputs: Mapping[str, Any] | None = None
     ) -> VisualLayout:
-        device = input_ids.device
         is_image = self.visual_token_mask(input_ids)  # (B, L)
-        counts = is_image.sum(dim=1)  # (B,)
-        batch = input_ids.shape[0]
-        n = int(counts.max()) if counts.numel() else 0
-        # Sequence positions of the image tokens, left-aligned per sample; padding slots point at position 0.
-        order = torch.argsort((~is_image).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, N)
-        slot = torch.arange(n, device=device).expand(batch, n)  # (B, N)
-        valid = slot < counts[:, None]
-        seq_index = torch.where(valid, order, torch.zeros_like(order))
-        if n == 0:
+        seq_index, slot, valid, counts = visual_slots(is_image)  # (B, N) each
+        if seq_index.shape[1] == 0:
             empty = torch.zeros_like(seq_index)
             return VisualLayout(seq_index, empty, empty, empty, empty, empty, valid, valid)
 
