@@ -175,6 +175,7 @@ class Strategy:
         if not self.prunes:
             return resolved
         resolved._check_settings()
+        resolved._check_method_fit()
         if model is not None:
             resolved = resolved._for_depth(model.num_layers)
             resolved = dataclasses.replace(resolved, positions=resolved._positions_for(model))
@@ -219,6 +220,28 @@ class Strategy:
         if None not in keeps and any(b > a for a, b in itertools.pairwise(keeps)):
             raise ValueError(
                 f"strategy.keep={keeps} grows from stage to stage; each stage keeps at most the last's"
+            )
+
+    def _check_method_fit(self) -> None:
+        """What the method has a rule for: its number of stages, and which half of a prior (PoRe) it takes."""
+        method = METHODS.get(self.method)
+        if method.max_stages is not None and len(self.layers) > method.max_stages:
+            raise ValueError(
+                f"{self.method}: its rule has at most {method.max_stages} pruning stages, but strategy.layer "
+                f"names {len(self.layers)} ({list(self.layers)}); give at most {method.max_stages} layers"
+            )
+        weighs = self.prior.name != "none"
+        if method.prior_use == "none" and (weighs or self.prior.suppress_padding):
+            raise ValueError(
+                f"{self.method}: it ranks by similarity / diversity, not attention, so there is no attention "
+                "bias for a prior to correct; set strategy.prior.name=none and "
+                "strategy.prior.suppress_padding=false"
+            )
+        if method.prior_use == "suppression" and weighs:
+            raise ValueError(
+                f"{self.method}: it ranks by the vision tower's [CLS] attention, which takes only PoRe's "
+                "padding suppression (strategy.prior.suppress_padding=true), not position weights; set "
+                "strategy.prior.name=none"
             )
 
     def _check_types(self) -> None:

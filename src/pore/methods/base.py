@@ -113,6 +113,13 @@ class PruningMethod(ABC):
     #: the RoPE positions the method's official code gives the kept tokens (`strategy.positions=official`):
     #: "original" (masking: FastV) or "compact" (the tokens are removed: 0..L'-1, decoding continues from L')
     official_positions: ClassVar[Literal["original", "compact"]] = "original"
+    #: which half of a prior (PoRe) the method takes, checked by `Strategy.resolve`: "any" (scored by the
+    #: language model's attention: position weights and padding suppression), "suppression" (scored by the
+    #: vision tower's [CLS] attention: only the padding / sink suppression of PoRe v2), "none" (similarity or
+    #: diversity scores: no prior at all)
+    prior_use: ClassVar[Literal["any", "suppression", "none"]] = "any"
+    #: the most pruning stages the method has a rule for (None: any number), checked by `Strategy.resolve`
+    max_stages: ClassVar[int | None] = None
 
     # Shorthands for the first requests, kept for methods written with them (`observations()` maps them):
     #: "last" = `LastTokenAttention()`, "text" = `TextAttention()`
