@@ -343,9 +343,12 @@ def test_mmbench_missing_options_hints_and_circular_groups(tmp_path: Path) -> No
 
 
 def test_benchmarks_without_extras_give_none() -> None:
-    """The metrics of VQAv2, TextVQA, GQA and POPE need nothing besides the answers."""
-    for name in ("vqav2", "textvqa", "gqa", "pope"):
+    """The metrics of VQAv2, TextVQA and GQA need nothing besides the answers; POPE's takes each sample's
+    category, to report each probe set as eval_pope.py does (issue 20)."""
+    for name in ("vqav2", "textvqa", "gqa"):
         assert build(name).metric_extras([{"category": "x", "image_id": "y"}]) == {}
+    pope_extras = build("pope").metric_extras([{"category": "random", "image_id": "y"}])
+    assert pope_extras == {"categories": ["random"]}
 
 
 def test_a_corrupt_image_cell_is_a_sample_error_without_memory_addresses(tmp_path: Path) -> None:

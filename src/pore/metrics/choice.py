@@ -15,7 +15,12 @@ import torch
 from torchmetrics import Metric
 
 from pore.metrics._common import IntegerCatStates, cat_state, check_batch
-from pore.metrics.answer_rules import llava_scienceqa_letter, lmms_eval_scienceqa_letter, mmbench_letter
+from pore.metrics.answer_rules import (
+    llava_fork_scienceqa_letter,
+    llava_scienceqa_letter,
+    lmms_eval_scienceqa_letter,
+    mmbench_letter,
+)
 from pore.metrics.normalize import normalize_exact
 
 # The whole answer is one letter, any case, maybe bracketed or followed by "." / ":": "A", "b", "(C)", "D.".
@@ -75,7 +80,7 @@ def extract_choice(prediction: str, letters: str, options: Sequence[str] | None 
     return found
 
 
-CHOICE_RULES = ("lenient", "llava_scienceqa", "lmms_eval_scienceqa", "mmbench")
+CHOICE_RULES = ("lenient", "llava_scienceqa", "llava_scienceqa_5200b75", "lmms_eval_scienceqa", "mmbench")
 
 
 def read_choice(rule: str, prediction: str, letters: str, options: Sequence[str] | None) -> str | None:
@@ -83,6 +88,8 @@ def read_choice(rule: str, prediction: str, letters: str, options: Sequence[str]
     (pore.metrics.answer_rules)."""
     if rule == "llava_scienceqa":
         return llava_scienceqa_letter(prediction, len(letters))
+    if rule == "llava_scienceqa_5200b75":
+        return llava_fork_scienceqa_letter(prediction, len(letters))
     if rule == "lmms_eval_scienceqa":
         return lmms_eval_scienceqa_letter(prediction)
     if rule == "mmbench":

@@ -11,7 +11,7 @@ import torch
 from torchmetrics import Metric
 
 from pore.metrics._common import IntegerCatStates, cat_state, check_batch
-from pore.metrics.answer_rules import lmms_eval_mme_answer
+from pore.metrics.answer_rules import lmms_eval_mme_answer, mme_calculation_answer
 
 PERCEPTION_CATEGORIES: tuple[str, ...] = (
     "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
@@ -53,9 +53,13 @@ def category_index(name: str) -> int:
         ) from None
 
 
-# `first_word`: parse_mme_answer; `mme_prefix`: "yes" / "no" within the first four characters, as the MME
-# tool's calculation.py and lmms-eval's parse_pred_ans (from Otter) read it.
-MME_RULES = {"first_word": parse_mme_answer, "mme_prefix": lmms_eval_mme_answer}
+# `first_word`: parse_mme_answer; `mme_calculation`: MME's own calculation.py (`default`, `llava`);
+# `mme_prefix`: lmms-eval's parse_pred_ans (from Otter), which also maps "y" / "n" and drops periods.
+MME_RULES = {
+    "first_word": parse_mme_answer,
+    "mme_calculation": mme_calculation_answer,
+    "mme_prefix": lmms_eval_mme_answer,
+}
 
 
 class MMEMetrics(IntegerCatStates, Metric):

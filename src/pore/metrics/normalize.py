@@ -61,9 +61,12 @@ VQA_PUNCTUATION: tuple[str, ...] = (
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # The toolkit writes this as r"(?!<=\d)(\.)(?!\d)": its "(?!<=\d)" is a (mistyped) lookahead that always
 # holds before a ".", so the effective rule is "remove every period not followed by a digit": "yes." ->
-# "yes", "3.5" kept. (The toolkit also passes re.UNICODE as `count`, capping removals at 32 per answer; no
-# real answer has that many periods, so that quirk is not reproduced.)
+# "yes", "3.5" kept.
 _PERIOD_NOT_DECIMAL = re.compile(r"\.(?!\d)")
+# The toolkit (vqaEval.py, and the EvalAI processor of LLaVA's m4c_evaluator.py and lmms-eval) calls
+# `periodStrip.sub("", text, re.UNICODE)`: re.UNICODE (32) lands in `count`, so at most 32 periods are
+# removed per answer. Reproduced, so that 40 periods then "yes" scores 0 here as it does officially.
+OFFICIAL_PERIOD_LIMIT = int(re.UNICODE)
 
 _WHITESPACE = re.compile(r"\s+")
 _EXACT_PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -83,7 +86,7 @@ def process_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD_NOT_DECIMAL.sub("", out)
+    return _PERIOD_NOT_DECIMAL.sub("", out, count=OFFICIAL_PERIOD_LIMIT)
 
 
 def process_digit_article(text: str) -> str:

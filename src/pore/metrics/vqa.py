@@ -9,7 +9,7 @@ import torch
 from torchmetrics import Metric
 
 from pore.metrics._common import check_batch
-from pore.metrics.answer_rules import evalai_normalize
+from pore.metrics.answer_rules import evalai_normalize, llava_vqav2_answer
 from pore.metrics.normalize import normalize_vqa
 
 # An answer given by this many annotators counts as fully right.
@@ -17,9 +17,13 @@ HUMAN_AGREEMENT = 3
 
 
 def vqa_score(
-    prediction: str, answers: Sequence[str], normalize: Callable[[str], str] = normalize_vqa
+    prediction: str,
+    answers: Sequence[str],
+    normalize: Callable[[str], str] = normalize_vqa,
+    normalize_answer: Callable[[str], str] | None = None,
 ) -> float:
-    """Accuracy of one prediction against its n reference answers, both normalised with `normalize_vqa`.
+    """Accuracy of one prediction against its n reference answers, normalised with `normalize` (the
+    references with `normalize_answer` when given).
 
     Mean over the n leave-one-out subsets of the answers of min(1, matches in the subset / 3): with the
     usual 10 answers, a prediction given by 1, 2, 3, 4+ annotators scores 0.3, 0.6, 0.9, 1.0 (a matching
@@ -32,7 +36,7 @@ def vqa_score(
     data and keeps other data (TextVQA, raw strings) fair.
     """
     pred = normalize(prediction)
-    refs = [normalize(answer) for answer in answers]
+    refs = [(normalize_answer or normalize)(answer) for answer in answers]
     if len(refs) == 1:
         return float(pred == refs[0])
     matches = sum(ref == pred for ref in refs)
@@ -41,9 +45,15 @@ def vqa_score(
     return total / len(refs)
 
 
-# `evalai`: the EvalAI processor (its word_tokenize step first) on both sides, as LLaVA's TextVQA evaluator
-# and lmms-eval's TextVQA / VQAv2 do.
-VQA_RULES: dict[str, Callable[[str], str]] = {"vqa": normalize_vqa, "evalai": evalai_normalize}
+# Rule -> (normalisation of the prediction, of the references). `vqa`: the VQA toolkit on both (the VQAv2
+# server, and lmms-eval 0.7's VQAv2, which no longer word-tokenizes); `evalai`: the EvalAI processor (its
+# word_tokenize step first) on both, as LLaVA's TextVQA evaluator and lmms-eval's TextVQA do; `llava_vqav2`:
+# LLaVA's submission converter runs the EvalAI processor on the prediction, then the server the toolkit.
+VQA_RULES: dict[str, tuple[Callable[[str], str], Callable[[str], str]]] = {
+    "vqa": (normalize_vqa, normalize_vqa),
+    "evalai": (evalai_normalize, evalai_normalize),
+    "llava_vqav2": (llava_vqav2_answer, normalize_vqa),
+}
 
 
 class VQAAccuracy(Metric):
@@ -63,7 +73,7 @@ class VQAAccuracy(Metric):
         super().__init__(**kwargs)
         if rule not in VQA_RULES:
             raise ValueError(f"unknown VQA answer rule {rule!r}; choose one of: {', '.join(VQA_RULES)}")
-        self.normalize = VQA_RULES[rule]
+        self.normalize, self.normalize_answer = VQA_RULES[rule]
         # float64: a sum of many scores in float32 would drift in the 7th digit on large splits.
         self.add_state("score", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -71,9 +81,8 @@ class VQAAccuracy(Metric):
     def update(self, predictions: Sequence[str], answers: Sequence[Sequence[str]], **extra: Any) -> None:
         """Add a batch of raw model outputs and, per sample, the list of reference answers."""
         check_batch(predictions, answers)
-        scores = [
-            vqa_score(pred, refs, self.normalize) for pred, refs in zip(predictions, answers, strict=True)
-        ]
+        pairs = zip(predictions, answers, strict=True)
+        scores = [vqa_score(pred, refs, self.normalize, self.normalize_answer) for pred, refs in pairs]
         self.score += torch.tensor(scores, dtype=torch.float64, device=self.score.device).sum()
         self.total += len(scores)
 

@@ -102,10 +102,12 @@ class MMBench(Benchmark):
 
 
 def _llava_none(value: Any) -> bool:
-    """model_vqa_mmbench.py `is_none`: None, NaN, or the strings "nan" / "none" in any case."""
+    """model_vqa_mmbench.py `is_none`: None, NaN, or the strings "nan" / "none" in any case. An empty string
+    counts too: LLaVA reads MMBench's TSV with pandas, which turns an empty cell into NaN (so no stray "\n"
+    before the question and no empty "C. " option)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return True
-    return isinstance(value, str) and value.lower() in ("nan", "none")
+    return isinstance(value, str) and value.lower() in ("", "nan", "none")
 
 
 def _lmms_eval_present(value: Any) -> bool:

@@ -38,6 +38,10 @@ class POPE(Benchmark):
     def question_id(self, row: Mapping[str, Any]) -> str:
         return f"{self.column(row, 'category')}/{self.column(row, 'question_id')}"
 
+    def metric_extras(self, metas: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        """Each sample's probe set, so that the metric also reports each category (as eval_pope.py does)."""
+        return {"categories": [m.get("category") for m in metas]}
+
     def prompt_lmms_eval(self, row: Mapping[str, Any]) -> str:
         """pope_doc_to_text: the question stripped, then the short-answer instruction."""
         return f"{str(self.column(row, 'question')).strip()}\n{SHORT_ANSWER}"

@@ -37,19 +37,26 @@ class ScienceQAImg(Benchmark):
 
     def prompt_default(self, row: Mapping[str, Any]) -> str:
         """A "Context: {hint}" line (the hint stripped; none when empty), the question, the lettered choices
-        and the letter instruction (the `default` and `llava` prompt)."""
+        and the letter instruction."""
         return self._prompt(row, str(self.column(row, "hint") or "").strip())
+
+    def prompt_llava(self, row: Mapping[str, Any]) -> str:
+        """LLaVA's question file (scripts/convert_sqa_to_llava_base_prompt.py): the default prompt's body with
+        `.replace("  ", " ").strip()` applied once, so a raw hint's double spaces become single ones."""
+        body = self._prompt(row, str(self.column(row, "hint") or "").strip(), instruction=False)
+        return f"{body.replace('  ', ' ').strip()}\n{LETTER_ANSWER}"
 
     def prompt_lmms_eval(self, row: Mapping[str, Any]) -> str:
         """sqa_doc_to_text: as the default, but the hint as it is stored (its own whitespace kept)."""
         return self._prompt(row, str(self.column(row, "hint") or ""))
 
-    def _prompt(self, row: Mapping[str, Any], hint: str) -> str:
+    def _prompt(self, row: Mapping[str, Any], hint: str, instruction: bool = True) -> str:
         choices = [str(c) for c in self.column(row, "choices")]
         letters = string.ascii_uppercase[: len(choices)]
         options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True))
         context = f"Context: {hint}\n" if hint else ""
-        return f"{context}{self.column(row, 'question')}\n{options}\n{LETTER_ANSWER}"
+        body = f"{context}{self.column(row, 'question')}\n{options}"
+        return f"{body}\n{LETTER_ANSWER}" if instruction else body
 
     def to_sample(self, row: Mapping[str, Any]) -> Sample:
         choices = [str(c) for c in self.column(row, "choices")]

@@ -1,9 +1,9 @@
 """TextVQA (validation): questions about text in images, ten answers, official VQA accuracy.
 
 Same columns and metric as VQAv2 (its answers are plain strings, which VQAv2's reader accepts). The prompt
-follows the protocol: lmms-eval capitalises the question (`textvqa_doc_to_text`); with `ocr` (LLaVA-1.5's
-`llava_textvqa_val_v051_ocr.jsonl`, lmms-eval's `ocr: true`) the OCR tokens follow the question as
-"Reference OCR token: a, b, c".
+follows the protocol: LLaVA-1.5's question file and lmms-eval capitalise the question (`str.capitalize`);
+with `ocr` (LLaVA-1.5's `llava_textvqa_val_v051_ocr.jsonl`, lmms-eval's `ocr: true`) the OCR tokens follow
+the question as "Reference OCR token: a, b, c".
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ class TextVQA(VQAv2):
     def prompt_lmms_eval(self, row: Mapping[str, Any]) -> str:
         """textvqa_doc_to_text: the question through str.capitalize (first letter up, the rest lowered)."""
         return self._prompt(row, str(self.column(row, "question")).capitalize())
+
+    def prompt_llava(self, row: Mapping[str, Any]) -> str:
+        """llava_textvqa_val_v051_ocr.jsonl: every question is str.capitalize()d too (its 5,000 rows)."""
+        return self.prompt_lmms_eval(row)
 
     def _prompt(self, row: Mapping[str, Any], question: str) -> str:
         if self.ocr:
