@@ -731,3 +731,38 @@ def test_cli_runs_each_protocol_with_the_shipped_model(tmp_path: Path) -> None:
     assert len((tmp_path / "b" / "predictions.jsonl").read_text().splitlines()) == 4
     refused = run_program("strategy.prior.suppress_padding=true", f"output_dir={tmp_path / 'c'}", *common)
     assert refused.returncode != 0 and "these images were not padded to a square" in refused.stderr
+
+
+# ------------------------------------------------------------------------------------------------ precision
+
+
+@pytest.mark.parametrize(
+    ("protocol", "accelerator", "dtype", "expected"),
+    [
+        ("llava", "gpu", "auto", torch.float16),  # LLaVA's scripts run float16
+        ("llava", "cpu", "auto", torch.float32),  # auto on CPU stays float32
+        ("llava", "gpu", "bfloat16", torch.bfloat16),  # an explicit model.dtype wins
+        ("default", "gpu", "auto", torch.bfloat16),
+        ("lmms_eval", "gpu", "auto", torch.bfloat16),
+        ("default", "cpu", "float16", torch.float16),
+    ],
+)
+def test_model_dtype_follows_the_protocol_on_a_gpu(
+    protocol: str, accelerator: str, dtype: str, expected: torch.dtype
+) -> None:
+    from pore.app.config import model_dtype
+
+    cfg = OmegaConf.create(
+        {
+            "protocol": OmegaConf.load(CONF / "protocol" / f"{protocol}.yaml"),
+            "model": {"dtype": dtype},
+            "trainer": {"accelerator": accelerator},
+        }
+    )
+    assert model_dtype(cfg) == expected
+
+
+def test_a_bad_protocol_dtype_says_what_is_valid() -> None:
+    message = r"protocol\.dtype: unknown precision 'half'; choose one of: float16"
+    with pytest.raises(ValueError, match=message):
+        Protocol.from_mapping({"name": "llava", "dtype": "half"})

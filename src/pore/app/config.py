@@ -102,9 +102,13 @@ def uses_gpu(cfg: DictConfig) -> bool:
 
 
 def model_dtype(cfg: DictConfig) -> torch.dtype:
+    """`model.dtype`; `auto`: on a GPU the protocol's precision (`protocol.dtype`: LLaVA's float16 under
+    protocol=llava) or bfloat16, on CPU float32."""
     name = str(cfg.model.dtype)
     if name == "auto":
-        return torch.bfloat16 if uses_gpu(cfg) else torch.float32
+        if not uses_gpu(cfg):
+            return torch.float32
+        return getattr(torch, build_protocol(cfg).dtype or "bfloat16")
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(

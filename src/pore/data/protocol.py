@@ -74,6 +74,7 @@ def processor_pads(image_processor: Any) -> bool:
 
 
 # What a benchmark may set for each protocol (`protocols.<protocol>` of conf/data/<name>.yaml).
+PROTOCOL_DTYPES = ("float16", "bfloat16", "float32")
 BENCHMARK_SETTINGS = ("max_new_tokens", "answer_rule", "pad_to_square", "prompt")
 
 
@@ -128,10 +129,13 @@ class Protocol:
     conversation: Mapping[str, str] = field(default_factory=dict)  # family -> template; else model's own
     processor: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # model_type -> settings
     benchmark_defaults: Mapping[str, Any] = field(default_factory=dict)  # checked `BENCHMARK_SETTINGS`
+    # The precision the published evaluation ran in (LLaVA: float16), which `model.dtype=auto` follows on a
+    # GPU; None = auto's own choice. On CPU, auto stays float32 (half precision is slow or missing there).
+    dtype: str | None = None
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> Protocol:
-        known = {"name", "conversation", "processor", "benchmark_defaults"}
+        known = {"name", "conversation", "processor", "benchmark_defaults", "dtype"}
         unknown = set(settings) - known
         if unknown:
             raise ValueError(f"unknown protocol settings {sorted(unknown)}; a protocol has {sorted(known)}")
@@ -144,8 +148,15 @@ class Protocol:
                     f"protocol.conversation.{family}: unknown template {template!r}; "
                     f"choose one of: {', '.join(CONVERSATIONS)} (or drop the entry for the model's own)"
                 )
+        dtype = settings.get("dtype")
+        if dtype is not None and dtype not in PROTOCOL_DTYPES:
+            raise ValueError(
+                f"protocol.dtype: unknown precision {dtype!r}; choose one of: {', '.join(PROTOCOL_DTYPES)} "
+                "(or null for model.dtype=auto's own choice)"
+            )
         return cls(
             name=name,
+            dtype=None if dtype is None else str(dtype),
             conversation=dict(settings.get("conversation") or {}),
             processor=dict(settings.get("processor") or {}),
             benchmark_defaults=benchmark_settings(
