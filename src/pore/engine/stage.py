@@ -98,6 +98,7 @@ class StageRunner:
         """Which visual tokens survive this stage: (B, N) bool, and the (B, N) weighted scores ranked."""
         layout, settings, prior = inputs.layout, self.stages[stage], self.strategy.prior
         scores = self.method.score(inputs)
+        inputs.method_scores = scores  # recycle may rank by the unweighted scores (SparseVLM's official code)
         # The PoRe authors' FastV: only tokens that are not padding compete, and the budget is cut to their
         # number (at every stage, so that a later stage never asks for the padding dropped here).
         cut_to_unpadded = prior.suppress_padding and prior.budget_from_unpadded
