@@ -104,7 +104,7 @@ class StageRunner:
         cut_to_unpadded = prior.suppress_padding and prior.budget_from_unpadded
         not_padding = None  # (B, N) 1 = not padding, 0 = padding (when padding suppression is on)
         if prior.suppress_padding and (settings.reweight or cut_to_unpadded):
-            not_padding = padding_weights(layout, sizes, prior.pad_threshold)
+            not_padding = padding_weights(layout, sizes, prior.pad_threshold, prior.pad_rule)
         weighted = weighted_scores(scores, layout, prior, settings.reweight, not_padding)  # (B, N)
         unpadded = (not_padding > 0).to(weighted.device) if cut_to_unpadded else None
         return select(self.stages, stage, weighted, layout, inputs.candidates(), unpadded), weighted

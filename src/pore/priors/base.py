@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from pore.priors.padding import PAD_RULES
 from pore.registry import Registry
 
 PositionMode = Literal["row", "index"]
@@ -74,6 +75,8 @@ class PriorConfig:
     position: str = "row"
     suppress_padding: bool = False
     pad_threshold: float = 0.5
+    # Which cells are border (`pore.priors.padding`): expand2square_area | generate_pad_mask | bilinear_mask.
+    pad_rule: str = "expand2square_area"
     # With suppress_padding: rank only the tokens that are not padding and cut the budget to their number
     # (FastV as the PoRe authors run it), instead of filling the budget with zero-scored padding tokens.
     budget_from_unpadded: bool = False
@@ -154,6 +157,10 @@ class PriorConfig:
             )
         if not 0.0 <= self.pad_threshold < 1.0:
             raise ValueError(f"prior pad_threshold must be in [0, 1), got {self.pad_threshold}")
+        if self.pad_rule not in PAD_RULES:
+            raise ValueError(
+                f"unknown strategy.prior.pad_rule {self.pad_rule!r}; valid rules: {', '.join(PAD_RULES)}"
+            )
         if self.budget_from_unpadded and not self.suppress_padding:
             raise ValueError(
                 "prior.budget_from_unpadded cuts the budget to the tokens that padding suppression keeps; "
