@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import IMAGE_TOKEN, TOKENS_PER_IMAGE, build_tiny_llava, make_prompt, pixels
+from conftest import IMAGE_TOKEN, TOKENS_PER_IMAGE, build_tiny_llava, left_pad, make_prompt, pixels
 from pore import Pruner, build_strategy
 from reference import merged_embeddings
 
@@ -136,3 +136,27 @@ def test_bad_rerank_settings_are_refused(changes: dict, message: str) -> None:
     strategy = build_strategy("fastv", layer=K, keep=KEEP, options={"rerank": "every_token"})
     with pytest.raises(ValueError, match=message):
         Pruner(build_tiny_llava(), strategy.replace(**changes))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_padded_batch_reranks_as_each_sample_alone(attn: str) -> None:
+    """Two prompts of different lengths, left-padded into one batch: the same tokens kept at every step and
+    the same greedy answers as each sample alone."""
+    model = build_tiny_llava(attn)
+    prompts = [PROMPT, make_prompt([1, 11], 1, [12, 13, 14, 15, 16, 17])]
+    input_ids, mask = left_pad(prompts)
+    pixel_values = torch.cat([pixels(1, seed=b) for b in range(len(prompts))])
+    strategy = build_strategy("fastv", layer=K, keep=KEEP, options={"rerank": "every_token"})
+    generate = {"max_new_tokens": STEPS, "do_sample": False}
+    with torch.no_grad(), Pruner(model, strategy) as pruner:
+        batch = model.generate(
+            input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, **generate
+        )
+        batch_reranked = pruner.reranked
+        for b, prompt in enumerate(prompts):
+            alone = model.generate(
+                input_ids=torch.tensor([prompt]), pixel_values=pixels(1, seed=b), **generate
+            )
+            assert alone[0, len(prompt) :].tolist() == batch[b, input_ids.shape[1] :].tolist()
+            steps = len(pruner.reranked)
+            assert [step[0] for step in pruner.reranked] == [step[b] for step in batch_reranked[:steps]]
