@@ -30,7 +30,8 @@ pytestmark = pytest.mark.transformers  # reads transformers' internals: CI runs 
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PROMPTS = [make_prompt([1, 5, 6], 1, [7, 8, 9, 10]), make_prompt([1, 11], 1, [12, 13, 14, 15, 16, 17])]
-SIGMA = 0.98  # pore_authors_fastv
+# pore_authors_fastv: the authors' FastV curve, 1 / w = 1 + a p + b p^2 + c p^3 over p = i / (N - 1)
+FASTV_INVERSE = (1.0, 1.733738621924, -4.826433446361, 4.884125654044)
 
 
 def content_tokens(height: int, width: int) -> list[int]:
@@ -47,14 +48,15 @@ def content_tokens(height: int, width: int) -> list[int]:
 
 def by_hand_top_k(prompt: list[int], seed: int, keep: int, allowed: list[int]) -> list[int]:
     """FastV at K = 2 with the authors' weights: top-`keep` of layer 1's last-token attention (head mean)
-    times exp(-sigma i / (N - 1)), among the `allowed` raster ids only; sorted raster ids."""
+    times their FastV curve at p = i / (N - 1), among the `allowed` raster ids only; sorted raster ids."""
     eager = build_tiny_llava("eager")
     input_ids = torch.tensor([prompt])
     with torch.no_grad():
         out = eager(input_ids=input_ids, pixel_values=pixels(1, seed=seed), output_attentions=True)
     last_row = out.attentions[1][0][:, -1, :].mean(dim=0).double()  # (L,) layer K - 1 = 1
     image = (input_ids[0] == IMAGE_TOKEN).nonzero().flatten()  # (N,) sequence positions of the raster
-    weight = torch.exp(-SIGMA * torch.arange(TOKENS_PER_IMAGE, dtype=torch.float64) / (TOKENS_PER_IMAGE - 1))
+    p = torch.arange(TOKENS_PER_IMAGE, dtype=torch.float64) / (TOKENS_PER_IMAGE - 1)
+    weight = 1.0 / sum(coefficient * p**power for power, coefficient in enumerate(FASTV_INVERSE))
     scores = {i: (last_row[image[i]] * weight[i]).item() for i in allowed}
     ranking = sorted(allowed, key=lambda i: (-scores[i], i))
     return sorted(ranking[:keep])
@@ -171,16 +173,17 @@ def test_fastv_preset_is_the_authors_setting(compose: Compose) -> None:
     strategy = strategy_from_config(compose("strategy=pore_authors_fastv"))
     assert (strategy.method, strategy.layer, strategy.keep, strategy.reweight) == ("fastv", 2, 128, "first")
     prior = strategy.prior
-    assert (prior.name, prior.position, prior.hyperparameters()) == ("exponential", "index", {"sigma": 0.98})
+    assert (prior.name, prior.position, prior.hyperparameters()) == ("pore_fastv_curve", "index", {})
     assert (prior.suppress_padding, prior.pad_threshold, prior.budget_from_unpadded) == (True, 0.5, True)
-    # The curve: row starts fall from 1.0 to 0.39 over the 24 rows of LLaVA-1.5.
+    assert not prior.require_data  # one curve for every benchmark
+    # The curve: row starts fall from 1.0 to 0.39409 over the 24 rows of LLaVA-1.5 (the authors' file).
     first_and_last_row, first_column, side = (
         torch.tensor([0, 23]),
         torch.zeros(2, dtype=torch.long),
         torch.full((2,), 24),
     )
     row_starts = prior.weights(first_and_last_row, first_column, side, side)
-    assert row_starts.tolist() == pytest.approx([1.0, 0.39], abs=0.005)
+    assert row_starts.tolist() == pytest.approx([1.0, 0.39409], abs=1e-5)
     strategy.resolve(ModelFacts("llava", 32, pads_to_square=True))
 
 
@@ -212,14 +215,15 @@ def test_pdrop_and_sparsevlm_presets_are_the_authors_settings(
         threshold,
         False,
     )
+    assert prior.require_data  # the sigma of the benchmark being run (sigma_by_data), else refused
     strategy.resolve(ModelFacts("llava", 32, pads_to_square=True))
 
 
 @pytest.mark.parametrize("preset", ["pore_authors_pdrop", "pore_authors_sparsevlm"])
 def test_sigma_is_chosen_by_the_data_name(compose: Compose, preset: str) -> None:
-    """sigma_by_data maps data.name to sigma; a benchmark without an entry gets the preset's sigma; a sigma
-    typed on the command line wins over both."""
-    table = ("+strategy.prior.sigma_by_data.gqa=2.38", "+strategy.prior.sigma_by_data.pope=1.45")
+    """sigma_by_data maps data.name to sigma (the authors' value; an entry may be changed or added); a
+    benchmark without an entry is refused; a sigma typed on the command line wins over both."""
+    table = ("strategy.prior.sigma_by_data.gqa=2.38", "+strategy.prior.sigma_by_data.spatial=1.45")
 
     def sigma(*overrides: str) -> float:
         """The sigma a run with these command-line overrides prunes with."""
@@ -231,12 +235,17 @@ def test_sigma_is_chosen_by_the_data_name(compose: Compose, preset: str) -> None
             HydraConfig.instance().cfg = None
         return strategy.prior.hyperparameters()["sigma"]
 
-    default = pore.build_strategy(preset).prior.hyperparameters()["sigma"]
+    authors = pore.build_strategy(preset).prior.params["sigma_by_data"]
     assert sigma("data=gqa") == 2.38
-    assert sigma("data=pope") == 1.45
-    assert sigma("data=mme") == default
+    assert sigma("data=spatial") == 1.45
+    assert sigma("data=mme") == authors["mme"] != pore.build_strategy(preset).prior.hyperparameters()["sigma"]
+    assert sigma("data=pope_random") == authors["pope"]
     assert sigma("data=mme", "strategy.prior.sigma=1.5") == 1.5
     assert sigma("data=gqa", "strategy.prior.sigma=1.0") == 1.0
+    table = ()
+    with pytest.raises(ValueError, match=r"no sigma for data.name='spatial' \(it was calibrated on: gqa, "):
+        sigma("data=spatial")
+    assert sigma("data=spatial", "strategy.prior.sigma=1.0") == 1.0
 
 
 @pytest.mark.parametrize("preset", PRESETS)

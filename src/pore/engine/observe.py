@@ -94,6 +94,7 @@ class Observer:
         self.state = state
         self.vision_keys: dict[Request, tuple[str, int]] = {}  # request -> capture key (kind, layer)
         self.encoder: VisionEncoder | None = None
+        self.capture_decoding = False  # last-token rows at decoding steps too (FastV's re-ranking)
         self._check_decoder_layers(len(adapter.decoder_layers()))
 
     # ------------------------------------------------------------------ checks and set-up
@@ -213,6 +214,9 @@ class Observer:
     ) -> None:
         prefill = self._stage_prefill(stage)
         if prefill is None:
+            forward = self.state.forward  # a decoding step: only FastV's official re-ranking reads it
+            if self.capture_decoding and forward is not None and forward.decoding:
+                forward.decoding_rows = query_attention(query, key, mask, scaling)[:, 0]  # (B, L_total)
             return
         if isinstance(request, LastTokenAttention):
             prefill.stage_captures[request] = query_attention(query, key, mask, scaling)[:, 0]  # (B, L_cur)

@@ -90,6 +90,7 @@ from pore import compat
 from pore.adapters import ModelAdapter, adapter_for
 from pore.engine.observe import Observer
 from pore.engine.record import PruningRecord
+from pore.engine.rerank import kept_raster
 from pore.engine.stage import StageRunner
 from pore.engine.state import HookState, IncomingCall, LanguageForward, Prefill
 from pore.engine.tap import Tap
@@ -135,6 +136,7 @@ class Pruner:
         self._check_supported()
         self._observer = Observer(self.adapter, self.method.observations(), self.stages, self._state)
         self._runner = StageRunner(self.adapter, self.strategy, self.method, self._observer)
+        self._observer.capture_decoding = self._runner.rerank
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -187,6 +189,16 @@ class Pruner:
 
     def __exit__(self, *exc_info: object) -> None:
         self.detach()
+
+    @property
+    def reranked(self) -> list[list[list[list[int]]]]:
+        """With `strategy.options.rerank=every_token` (FastV's official mask): for the prompt and each
+        decoding step since, per sample, per image, the raster ids the pruned layers could attend to; else
+        []."""
+        prompt = self._state.prompt
+        if prompt is None or prompt.rerank is None:
+            return []
+        return [kept_raster(prompt.rerank.layout, kept) for kept in prompt.rerank.history]
 
     def set_image_sizes(self, sizes: list[list[tuple[int, int]]] | None) -> None:
         """Original (height, width) of every image, per sample, for the next prefill: padding suppression,

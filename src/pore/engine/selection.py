@@ -18,9 +18,11 @@ from pore.strategy import PruningStage
 ImageSizes = Sequence[Sequence[tuple[int, int]]]  # per sample, per image: the original (height, width)
 
 
-def padding_weights(layout: VisualLayout, sizes: ImageSizes | None, threshold: float) -> torch.Tensor:
+def padding_weights(
+    layout: VisualLayout, sizes: ImageSizes | None, threshold: float, pad_rule: str = "expand2square_area"
+) -> torch.Tensor:
     """(B, N) float64: 0 for tokens that lie mostly (more than `threshold`) in the pad-to-square border of
-    their image, 1 elsewhere."""
+    their image, 1 elsewhere; `pad_rule` says where the border falls (`pore.priors.padding`)."""
     batch = layout.seq_index.shape[0]
     if sizes is None or len(sizes) != batch:
         raise ValueError(
@@ -36,7 +38,7 @@ def padding_weights(layout: VisualLayout, sizes: ImageSizes | None, threshold: f
             if not bool(tokens.any()):
                 raise ValueError(f"sample {b} has no image {i}, but an image size was given for it")
             h, w = int(grid_h[b][tokens][0]), int(grid_w[b][tokens][0])
-            fraction = padding_fraction(h, w, height, width)[raster[b][tokens]]
+            fraction = padding_fraction(h, w, height, width, pad_rule)[raster[b][tokens]]
             weights[b, tokens] = (fraction <= threshold).double()
     return weights
 

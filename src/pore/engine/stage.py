@@ -10,6 +10,7 @@ new tokens (and, for compact positions, the new tokens' shifted positions).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from pore import compat
 from pore.adapters import ModelAdapter
 from pore.engine.observe import Observer
 from pore.engine.record import PruningRecord
+from pore.engine.rerank import RerankState
 from pore.engine.selection import ImageSizes, padding_weights, select, weighted_scores
 from pore.engine.state import HookState, Prefill, PrunedLayerInputs, PrunedPrompt
 from pore.engine.surgery import (
@@ -49,6 +51,10 @@ class StageRunner:
         self.method = method
         self.observer = observer
         self.positions = strategy.positions
+        # FastV's official mask implementation (`pore.engine.rerank`): a key mask re-chosen at every token.
+        self.rerank = getattr(method, "rerank", "prefill") == "every_token"
+        if self.rerank:
+            self._check_rerank(adapter)
 
     def prune_prompt(
         self, stage: int, state: HookState, hidden: torch.Tensor, kwargs: dict, sizes: ImageSizes | None
@@ -61,13 +67,21 @@ class StageRunner:
         if prefill.stage != stage:
             raise RuntimeError(f"pruning stage {stage} ran before stage {prefill.stage}")
         inputs = self.observer.scoring_inputs(prefill, stage, self.stages[stage].budget)
-        kept_visual, weighted = self._select(stage, inputs, sizes)
+        not_padding = self._not_padding(stage, inputs, sizes)
+        kept_visual, weighted = self._select(stage, inputs, not_padding)
         hidden, kept_visual = self.method.recycle(inputs, hidden, kept_visual, weighted)
         if bool((kept_visual & ~prefill.alive).any()):
             raise RuntimeError(
                 f"{type(self.method).__name__}.recycle kept visual tokens that are no longer there"
             )
-        cut = cut_sequence(prefill.current_padding, prefill.alive, prefill.position, kept_visual)
+        rerank = None
+        if self.rerank:  # every token stays in the sequence; the dropped ones are hidden as keys
+            rerank = RerankState(inputs.layout, inputs.candidates(), prefill.input_ids, prefill.padding_mask)
+            rerank.not_padding, rerank.history = not_padding, [kept_visual]
+        cut_keep = prefill.alive if rerank else kept_visual
+        cut = cut_sequence(prefill.current_padding, prefill.alive, prefill.position, cut_keep)
+        if rerank is not None:
+            cut = dataclasses.replace(cut, padding=rerank.hidden_keys(kept_visual))
         pruned_hidden = gather_sequence(hidden, cut.order, seq_dim=1)  # (B, L', D)
         # Later stages gather positions from what the previous stage handed its layers.
         previous = forward.layer_inputs if stage > 0 else None
@@ -79,7 +93,7 @@ class StageRunner:
         forward.layer_inputs = PrunedLayerInputs(mask, position_embeddings, position_ids)
         self._advance(stage, prefill, cut, kept_visual, weighted)
         if stage == 0:
-            state.prompt = PrunedPrompt(prefill.input_ids.shape[1], cache)
+            state.prompt = PrunedPrompt(prefill.input_ids.shape[1], cache, rerank=rerank)
         state.prompt.stage_padding.append(cut.padding)
         removed = prefill.padding_mask.sum(dim=1) - cut.padding.sum(dim=1)  # (B,) real tokens removed
         state.prompt.stage_removed.append(removed)
@@ -92,18 +106,26 @@ class StageRunner:
         )
         return pruned_hidden, record
 
-    def _select(
+    def _not_padding(
         self, stage: int, inputs: ScoringInputs, sizes: ImageSizes | None
+    ) -> torch.Tensor | None:
+        """(B, N) 1 = not padding, 0 = padding, when this stage suppresses padding (else None)."""
+        settings, prior = self.stages[stage], self.strategy.prior
+        cut_to_unpadded = prior.suppress_padding and prior.budget_from_unpadded
+        if prior.suppress_padding and (settings.reweight or cut_to_unpadded):
+            return padding_weights(inputs.layout, sizes, prior.pad_threshold, prior.pad_rule)
+        return None
+
+    def _select(
+        self, stage: int, inputs: ScoringInputs, not_padding: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Which visual tokens survive this stage: (B, N) bool, and the (B, N) weighted scores ranked."""
         layout, settings, prior = inputs.layout, self.stages[stage], self.strategy.prior
         scores = self.method.score(inputs)
+        inputs.method_scores = scores  # recycle may rank by the unweighted scores (SparseVLM's official code)
         # The PoRe authors' FastV: only tokens that are not padding compete, and the budget is cut to their
         # number (at every stage, so that a later stage never asks for the padding dropped here).
         cut_to_unpadded = prior.suppress_padding and prior.budget_from_unpadded
-        not_padding = None  # (B, N) 1 = not padding, 0 = padding (when padding suppression is on)
-        if prior.suppress_padding and (settings.reweight or cut_to_unpadded):
-            not_padding = padding_weights(layout, sizes, prior.pad_threshold)
         weighted = weighted_scores(scores, layout, prior, settings.reweight, not_padding)  # (B, N)
         unpadded = (not_padding > 0).to(weighted.device) if cut_to_unpadded else None
         return select(self.stages, stage, weighted, layout, inputs.candidates(), unpadded), weighted
@@ -150,8 +172,11 @@ class StageRunner:
         new tokens' mask."""
         prompt, layer = state.prompt, self.stages[stage].layer
         cache = compat.cache_from(kwargs)
+        stage_padding = prompt.stage_padding[stage]  # (B, L_s) the stage's prompt
+        if prompt.rerank is not None:  # FastV's official mask: this token's ranking hides other image tokens
+            stage_padding = self._rerank_step(prompt.rerank, state.forward.decoding_rows)
         padding = decoding_padding(
-            prompt.stage_padding[stage],
+            stage_padding,
             state.forward.padding_mask,
             prompt.prompt_length,
             cache,
@@ -167,6 +192,38 @@ class StageRunner:
                 mask, self.adapter.language_model().rotary_emb(hidden, positions), positions
             )
         return PrunedLayerInputs(mask, None, kwargs.get("position_ids"))
+
+    def _rerank_step(self, rerank: RerankState, rows: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) the prompt's visible keys for this decoding step: the image tokens re-selected by the new
+        token's attention in layer K-1 (`rows` (B, L_total)), with the prompt's prior, padding and budget."""
+        if rows is None:
+            raise RuntimeError("re-ranking: no layer K-1 attention was captured at this decoding step")
+        inputs = ScoringInputs(
+            layout=rerank.layout,
+            alive=rerank.layout.valid,
+            input_ids=rerank.input_ids,
+            attention_mask=rerank.real,
+            budget=self.stages[0].budget,
+            last_token_attention=rows,
+        )
+        kept, _ = self._select(0, inputs, rerank.not_padding)
+        rerank.history.append(kept)
+        return rerank.hidden_keys(kept)
+
+    def _check_rerank(self, adapter: ModelAdapter) -> None:
+        """The official re-ranking masks keys of one FastV stage at the tokens' original positions."""
+        if len(self.stages) != 1 or self.positions != "original":
+            raise ValueError(
+                "strategy.options.rerank=every_token (FastV's mask implementation) needs one pruning stage "
+                f"and strategy.positions=original (or official); got {len(self.stages)} stages, "
+                f"{self.positions}"
+            )
+        if uses_flash_attention(adapter.language_model().config):
+            raise ValueError(
+                "strategy.options.rerank=every_token hides the dropped image tokens as keys, which "
+                "FlashAttention's padding mask cannot express (it drops them as queries too); use "
+                "attn_implementation sdpa or eager"
+            )
 
     def _mask(self, hidden: torch.Tensor, padding: torch.Tensor, cache: Any, layer: int) -> Any:
         return pruned_mask(self.adapter.language_model().config, hidden, padding, cache, layer)

@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from pore.adapters import VisualLayout
+from pore.engine.rerank import RerankState
 from pore.methods.requests import Request
 
 
@@ -84,6 +85,8 @@ class LanguageForward:
     prefill: Prefill | None = None  # a fresh prompt
     decoding: bool = False  # a step after a pruned prefill, with its cache
     layer_inputs: PrunedLayerInputs | None = None  # what the layers after the last pruning point get
+    # (B, L_total) a decoding step's last-token attention in layer K-1 (captured only for re-ranking)
+    decoding_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,6 +98,7 @@ class PrunedPrompt:
     stage_padding: list[torch.Tensor] = field(default_factory=list)  # per stage (B, L_s) bool: real slots
     # per stage (B,) long: real prompt tokens removed up to that stage (the decoding shift of `compact`)
     stage_removed: list[torch.Tensor] = field(default_factory=list)
+    rerank: RerankState | None = None  # FastV's official re-ranking at every token (`pore.engine.rerank`)
 
 
 @dataclass

@@ -83,6 +83,9 @@ class ScoringInputs:
     input_embeddings: torch.Tensor | None = None
     # Everything the method requested, by request.
     observations: Mapping[Request, Any] = field(default_factory=dict)
+    # (B, N) the method's own scores at this stage, before the prior's weights and padding suppression: set by
+    # the engine after `score`, for a `recycle` that ranks by them (SparseVLM's official recycling).
+    method_scores: torch.Tensor | None = None
 
     def __getitem__(self, request: Request) -> Any:
         """What `request` observed for this stage (its docstring gives the shape)."""

@@ -22,15 +22,23 @@ for 192 tokens on average; `sparsevlm_128`, `sparsevlm_96`, `sparsevlm_64` for t
 Recycling of the dropped tokens (`strategy.options.recycle`):
 
 - `none` (default): dropped tokens are gone;
-- `cluster` (the official code): the top 30 % of the dropped tokens of an image (by their rater score) are
-  clustered into int(0.3 n / 10) + 1 tokens by density-peak clustering (DPC-KNN: local density from the
-  k nearest neighbours, k = the number of clusters; centres = the largest density x distance to a denser
-  token), each centre carrying the mean of its cluster's hidden states; they come on top of the budget and
-  sit at their centre token's place (the official code appends them after the kept image tokens; with
-  compact positions only the order inside the image differs; equal densities go to the earlier token
+- `cluster` (the official code): the top 30 % of the dropped tokens of an image (by their rater score:
+  `recycle_score`) are clustered into int(0.3 n / 10) + 1 tokens by density-peak clustering (DPC-KNN: local
+  density from the k nearest neighbours, k = the number of clusters; centres = the largest density x distance
+  to a denser token), each centre carrying the mean of its cluster's hidden states; they come on top of the
+  budget and sit at their centre token's place (the official code appends them after the kept image tokens;
+  with compact positions only the order inside the image differs; equal densities go to the earlier token
   instead of the official random noise, so the choice is reproducible);
 - `similar`: each dropped token is averaged into the kept token of its image it is most similar to (cosine
   similarity), which keeps the budget exact. `merge=true` is the older name of this mode.
+
+Which score ranks the dropped tokens to recycle (`strategy.options.recycle_score`), when a prior reweights the
+stage (PoRe):
+
+- `rater` (default, the official code with the PoRe authors' patch): the raters' score as it is, before the
+  prior's weights and the padding mask (`attn_postprocess_topk` in score.py returns `relation_vis_text`,
+  which the debiasing multiplies into a copy, and modelling_sparse_llama.py ranks the dropped tokens by it);
+- `weighted`: the ranked score (rater score x prior x padding mask), this project's rule before issue 20.
 
 The official code removes the dropped tokens, so the kept sequence is renumbered (`positions=official` =
 `compact`), and runs batch size 1 with one image; here every image of every sample is rated on its own.
@@ -46,6 +54,7 @@ from pore.methods.requests import PromptEmbeddings, Request, TextAttention
 
 RATERS = ("official", "attention", "attention_all_text")
 RECYCLE = ("none", "cluster", "similar")
+RECYCLE_SCORES = ("rater", "weighted")
 RECYCLED_SHARE = 0.3  # official: the top 30 % of the dropped tokens are clustered
 TOKENS_PER_CLUSTER = 10  # official: int(recycled / 10) + 1 clusters
 
@@ -56,9 +65,20 @@ class SparseVLM(PruningMethod):
     requests = (TextAttention(),)
 
     def __init__(
-        self, seed: int = 0, raters: str = "official", recycle: str = "none", merge: bool | None = None
+        self,
+        seed: int = 0,
+        raters: str = "official",
+        recycle: str = "none",
+        merge: bool | None = None,
+        recycle_score: str = "rater",
     ) -> None:
         super().__init__(seed)
+        if recycle_score not in RECYCLE_SCORES:
+            raise ValueError(
+                f"sparsevlm: unknown options.recycle_score {recycle_score!r}; valid values: "
+                f"{', '.join(RECYCLE_SCORES)}"
+            )
+        self.recycle_score = recycle_score
         if raters not in RATERS:
             raise ValueError(
                 f"sparsevlm: unknown options.raters {raters!r}; valid values: {', '.join(RATERS)}"
@@ -161,14 +181,15 @@ class SparseVLM(PruningMethod):
         if self.recycle_mode == "similar":
             return self.merge(inputs, hidden, kept), kept
         if self.recycle_mode == "cluster":
-            return self._cluster(inputs, hidden, kept, scores)
+            official = self.recycle_score == "rater" and inputs.method_scores is not None
+            return self._cluster(inputs, hidden, kept, inputs.method_scores if official else scores)
         return hidden, kept
 
     def _cluster(
         self, inputs: ScoringInputs, hidden: torch.Tensor, kept: torch.Tensor, scores: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Official recycling: per image, the top 30 % of the dropped tokens by score are clustered (DPC-KNN);
-        each cluster centre is kept too and carries its cluster's mean hidden state."""
+        """Official recycling: per image, the top 30 % of the dropped tokens by `scores` (B, N) are clustered
+        (DPC-KNN); each cluster centre is kept too and carries its cluster's mean hidden state."""
         layout = inputs.layout
         dropped = inputs.candidates() & ~kept  # (B, N)
         merged, kept = hidden.clone(), kept.clone()

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from pore.priors.padding import PAD_RULES
 from pore.registry import Registry
 
 PositionMode = Literal["row", "index"]
@@ -74,9 +75,14 @@ class PriorConfig:
     position: str = "row"
     suppress_padding: bool = False
     pad_threshold: float = 0.5
+    # Which cells are border (`pore.priors.padding`): expand2square_area | generate_pad_mask | bilinear_mask.
+    pad_rule: str = "expand2square_area"
     # With suppress_padding: rank only the tokens that are not padding and cut the budget to their number
     # (FastV as the PoRe authors run it), instead of filling the budget with zero-scored padding tokens.
     budget_from_unpadded: bool = False
+    # A `<key>_by_data` table must name the data set being run (for the settings this prior takes): a
+    # preset calibrated per benchmark (the PoRe authors' sigma) refuses the others instead of guessing.
+    require_data: bool = False
     params: Mapping[str, Any] = field(default_factory=dict)
     strategy_layer: int | None = None
 
@@ -105,9 +111,13 @@ class PriorConfig:
     def for_data(self, data: str | None) -> PriorConfig:
         """This prior on the data set named `data` (`data.name`): a setting `<key>_by_data` (a mapping from
         data names to values, e.g. the PoRe authors' sigma per benchmark) sets `<key>` for the data it
-        names; data it does not name keep `<key>` as it is."""
+        names; data it does not name keep `<key>` as it is, or, with `require_data`, are refused (for the
+        settings this prior takes) with the data sets the table names and how to set `<key>` instead.
+        `data=None` (no data set known: the Python API) keeps every setting as it is."""
         if data is None:
             return self
+        if self.require_data:
+            self._check_calibrated_on(data)
         chosen = {
             key.removesuffix(BY_DATA): table[data]
             for key, table in self.params.items()
@@ -117,6 +127,23 @@ class PriorConfig:
             return self
         settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}
         return PriorConfig.from_mapping({**settings, **self.params, **chosen})
+
+    def _check_calibrated_on(self, data: str) -> None:
+        """One line naming the data sets of the first `<key>_by_data` table (of a setting this prior takes)
+        that lacks `data`. A setting typed on the command line drops its table (`Strategy.replace`)."""
+        taken = inspect.signature(PRIORS.get(self.name)).parameters
+        for key, table in self.params.items():
+            setting = key.removesuffix(BY_DATA)
+            if not key.endswith(BY_DATA) or setting not in taken or setting in PRIOR_INPUTS:
+                continue
+            names = sorted(table) if isinstance(table, Mapping) else []
+            if data not in names:
+                calibrated = ", ".join(names) or "none"
+                raise ValueError(
+                    f"prior {self.name}: strategy.prior.{key} has no {setting} for data.name={data!r} "
+                    f"(it was calibrated on: {calibrated}); run one of those, or set "
+                    f"strategy.prior.{setting}=<value> yourself (it then holds for every benchmark)"
+                )
 
     def at_layer(self, layer: int | None) -> PriorConfig:
         """This prior as used by a strategy that prunes (first) before decoder layer `layer`."""
@@ -130,6 +157,10 @@ class PriorConfig:
             )
         if not 0.0 <= self.pad_threshold < 1.0:
             raise ValueError(f"prior pad_threshold must be in [0, 1), got {self.pad_threshold}")
+        if self.pad_rule not in PAD_RULES:
+            raise ValueError(
+                f"unknown strategy.prior.pad_rule {self.pad_rule!r}; valid rules: {', '.join(PAD_RULES)}"
+            )
         if self.budget_from_unpadded and not self.suppress_padding:
             raise ValueError(
                 "prior.budget_from_unpadded cuts the budget to the tokens that padding suppression keeps; "
