@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache
 
 from pore.adapters import VisualLayout
+
+if TYPE_CHECKING:
+    from pore.engine.layer_features import PromptFeatures
 from pore.methods.requests import Request
 
 
@@ -84,6 +87,8 @@ class LanguageForward:
     prefill: Prefill | None = None  # a fresh prompt
     decoding: bool = False  # a step after a pruned prefill, with its cache
     layer_inputs: PrunedLayerInputs | None = None  # what the layers after the last pruning point get
+    # features the language model would add after its first layers (DeepStack), taken from its arguments
+    layer_features: PromptFeatures | None = None
 
 
 @dataclass
