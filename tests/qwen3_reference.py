@@ -23,7 +23,8 @@ from pore.testing.tiny_qwen3_vl import PIXELS_PER_TOKEN, build_qwen3_vl_processo
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 
 # (question, image sizes (height, width)): different prompt lengths, grid shapes and numbers of images.
-# Grids in tokens (16 x 16 pixels each): 64 x 64 -> 4 x 4, 48 x 80 -> 3 x 5, 64 x 32 -> 4 x 2, 80 x 48 -> 5 x 3.
+# Grids in tokens (16 x 16 pixels each): 64 x 64 -> 4 x 4, 48 x 80 -> 3 x 5, 64 x 32 -> 4 x 2,
+# 80 x 48 -> 5 x 3.
 SAMPLES: list[tuple[str, list[tuple[int, int]]]] = [
     ("what colour is the circle?", [(64, 64)]),
     ("is there a red square in the top left corner of the image?", [(48, 80), (64, 32)]),
@@ -93,7 +94,11 @@ def reference_pruned_logits(model, inputs: dict, layer: int, kept: torch.Tensor)
         vision = base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         visual = input_ids[0] == config.image_token_id  # (L,) the image tokens, which get DeepStack
         hidden[0, visual] = torch.cat(list(vision.pooler_output)).to(hidden.dtype)
-        deepstack = [torch.cat(list(per_image)) for per_image in vision.deepstack_features]  # (M, D) each
+        # (M, D) per DeepStack layer: transformers >= 5.23 splits each layer's features per image
+        deepstack = [
+            layer_features if torch.is_tensor(layer_features) else torch.cat(list(layer_features))
+            for layer_features in vision.deepstack_features
+        ]
         row = torch.cumsum(visual.long(), 0) - 1  # (L,) feature row of each image token
         positions, _ = base.get_rope_index(
             input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]

@@ -59,5 +59,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         mask, features = kwargs.get(DEEPSTACK_MASK), kwargs.get(DEEPSTACK_FEATURES)
         if features is None or mask is None:
             return kwargs, None
-        rest = {key: value for key, value in kwargs.items() if key not in (DEEPSTACK_MASK, DEEPSTACK_FEATURES)}
+        taken = (DEEPSTACK_MASK, DEEPSTACK_FEATURES)
+        rest = {key: value for key, value in kwargs.items() if key not in taken}
         return rest, LayerFeatures(mask=mask, features=list(features))

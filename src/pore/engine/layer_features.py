@@ -16,28 +16,11 @@ nothing. With nothing pruned this is the model's own addition, element for eleme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from pore.adapters import LayerFeatures
 from pore.engine.state import HookState
-
-
-@dataclass
-class PromptFeatures:
-    """One prompt's layer features, with the row of each prompt position."""
-
-    features: list[torch.Tensor]  # per decoder layer: (M, D)
-    row: torch.Tensor  # (B, L) long: the feature row of each prompt position, -1 where it receives none
-
-    @classmethod
-    def of(cls, given: LayerFeatures) -> PromptFeatures:
-        mask = given.mask.bool()  # (B, L)
-        rank = torch.cumsum(mask.flatten().long(), dim=0).view(mask.shape) - 1  # batch-major order
-        return cls(list(given.features), torch.where(mask, rank, -1))
 
 
 class LayerFeatureAdder:
@@ -49,7 +32,7 @@ class LayerFeatureAdder:
     def attach(self, layers: nn.ModuleList) -> list[Any]:
         """Forward hooks on every decoder layer (a prompt says how many of them receive features)."""
         return [
-            layer.register_forward_hook(lambda module, args, output, index=index: self._after_layer(index, output))
+            layer.register_forward_hook(lambda _module, _args, output, i=index: self._after_layer(i, output))
             for index, layer in enumerate(layers)
         ]
 

@@ -88,11 +88,11 @@ from transformers.cache_utils import DynamicCache
 
 from pore import compat
 from pore.adapters import ModelAdapter, adapter_for
-from pore.engine.layer_features import LayerFeatureAdder, PromptFeatures
+from pore.engine.layer_features import LayerFeatureAdder
 from pore.engine.observe import Observer
 from pore.engine.record import PruningRecord
 from pore.engine.stage import StageRunner
-from pore.engine.state import HookState, IncomingCall, LanguageForward, Prefill
+from pore.engine.state import HookState, IncomingCall, LanguageForward, Prefill, PromptFeatures
 from pore.engine.tap import Tap
 from pore.methods import METHODS
 from pore.strategy import Strategy

@@ -18,16 +18,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 
-from pore.adapters import VisualLayout
-
-if TYPE_CHECKING:
-    from pore.engine.layer_features import PromptFeatures
+from pore.adapters import LayerFeatures, VisualLayout
 from pore.methods.requests import Request
+
+
+@dataclass
+class PromptFeatures:
+    """One prompt's layer features (DeepStack), with the feature row of each prompt position
+    (`pore.engine.layer_features` adds them to the tokens that survive pruning)."""
+
+    features: list[torch.Tensor]  # per decoder layer: (M, D)
+    row: torch.Tensor  # (B, L) long: the feature row of each prompt position, -1 where it receives none
+
+    @classmethod
+    def of(cls, given: LayerFeatures) -> PromptFeatures:
+        mask = given.mask.bool()  # (B, L)
+        rank = torch.cumsum(mask.flatten().long(), dim=0).view(mask.shape) - 1  # batch-major order
+        return cls(list(given.features), torch.where(mask, rank, -1))
 
 
 @dataclass

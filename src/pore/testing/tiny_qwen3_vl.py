@@ -139,7 +139,9 @@ def build_qwen3_vl_processor(
     if not has_video_processor() if images_only is None else images_only:
         return ImageOnlyQwen3VLProcessor(**parts)
     if not has_video_processor():
-        raise ImportError("Qwen3-VL's video processor needs torchvision: pip install torchvision (or images_only=True)")
+        raise ImportError(
+            "Qwen3-VL's video processor needs torchvision: pip install torchvision (or images_only=True)"
+        )
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     video = Qwen3VLVideoProcessor(patch_size=PATCH_SIZE, temporal_patch_size=2, merge_size=MERGE_SIZE)
@@ -254,8 +256,8 @@ def build_tiny_qwen3_vl_checkpoint(
     transformers 5."""
     if not has_video_processor():
         raise ImportError(
-            "a Qwen3-VL checkpoint folder must hold a video processor for AutoProcessor to load it, which needs "
-            "torchvision: pip install torchvision"
+            "a Qwen3-VL checkpoint folder must hold a video processor for AutoProcessor to load it, which "
+            "needs torchvision: pip install torchvision"
         )
     processor = build_qwen3_vl_processor(words, images_only=False)
     model = build_tiny_qwen3_vl(len(processor.tokenizer), moe=moe, seed=seed, **config_overrides)
@@ -269,7 +271,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Write a tiny random Qwen3-VL (or Qwen3-VL-MoE) checkpoint.",
     )
     parser.add_argument("out_dir", type=Path, help="folder to write the model and processor to")
-    parser.add_argument("--moe", action="store_true", help="the MoE class (Qwen3VLMoeForConditionalGeneration)")
+    parser.add_argument(
+        "--moe", action="store_true", help="the MoE class (Qwen3VLMoeForConditionalGeneration)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
