@@ -82,9 +82,12 @@ def _mask(config, hidden: torch.Tensor):
     )
 
 
-def reference_pruned_logits(model, inputs: dict, layer: int, kept: torch.Tensor) -> torch.Tensor:
+def reference_pruned_logits(
+    model, inputs: dict, layer: int, kept: torch.Tensor, with_deepstack: bool = True
+) -> torch.Tensor:
     """Logits (1, L', V) of one unpadded sample whose tokens outside `kept` are removed by hand from decoder
-    layer `layer` on, with their DeepStack features; kept tokens keep their original 3-D M-RoPE positions."""
+    layer `layer` on, with their DeepStack features; kept tokens keep their original 3-D M-RoPE positions.
+    `with_deepstack=False` leaves the DeepStack features out (to show that a test would see them missing)."""
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 1
     base, config = model.model, model.config
@@ -113,7 +116,7 @@ def reference_pruned_logits(model, inputs: dict, layer: int, kept: torch.Tensor)
             hidden = decoder_layer(
                 hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None
             )
-            if index < len(deepstack):
+            if with_deepstack and index < len(deepstack):
                 hidden = hidden.clone()
                 hidden[0, visual] = hidden[0, visual] + deepstack[index][row[visual]].to(hidden.dtype)
         return model.lm_head(language_model.norm(hidden))
