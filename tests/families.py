@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import internvl_reference
 import next_reference
 import qwen3_reference
 import qwen_reference
@@ -280,6 +281,36 @@ def qwen3_family(name: str) -> Family:
     )
 
 
+# ---------------------------------------------------------------------------------------------- InternVL3
+
+
+def internvl_reference_kept(
+    eager: nn.Module, b: int, layer: int, keep: int, weight: Weight
+) -> list[list[int]]:
+    return internvl_reference.reference_kept(eager, internvl_reference.sample_inputs(b), layer, keep, weight)
+
+
+INTERNVL = Family(
+    name="internvl",
+    adapter=None,
+    model=internvl_reference.tiny_model,
+    batch=internvl_reference.make_inputs,
+    sample=internvl_reference.sample_inputs,
+    images=[len(sizes) for _, sizes in internvl_reference.SAMPLES],
+    prunable=internvl_reference.prunable,
+    fixed=lambda b: 0,
+    reference_kept=internvl_reference_kept,
+    kept_positions=lambda b, inputs, raster: internvl_reference.kept_positions(inputs, raster),
+    reference_logits=internvl_reference.reference_pruned_logits,
+    grow=internvl_reference.append_token,
+    keep=5,
+    answer=internvl_reference.until_eos,  # generate() stops at <|im_end|>
+    # The vision tower runs all views of a batch together: its fp32 sums differ in the last bits.
+    batch_atol=1e-4,
+    vision_cls=False,  # each token merges 2 x 2 patches (pixel shuffle): no [CLS] row per token
+)
+
+
 def remembered(family: Family) -> Family:
     """The family with its kept-set reference computed once per (model, sample, layer, keep, prior): the
     reference runs the eager model, whatever attention implementation the test runs the engine with."""
@@ -296,6 +327,7 @@ FAMILIES: dict[str, Family] = {
         qwen_family("qwen2_5_vl"),
         qwen3_family("qwen3_vl"),
         qwen3_family("qwen3_vl_moe"),
+        INTERNVL,
     )
 }
 
