@@ -106,6 +106,19 @@ def test_the_budget_is_per_image_over_all_its_views() -> None:
     ]
 
 
+def test_the_checkpoint_writer_writes_a_folder_the_auto_model_class_loads(tmp_path: Path) -> None:
+    """`python -m pore.testing.tiny_internvl OUT` (its `main`, in process)."""
+    from transformers import AutoModelForImageTextToText
+
+    from pore.testing.tiny_internvl import main
+
+    main([str(tmp_path / "tiny"), "--text-layers", "2"])
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "tiny")
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    assert model.config.text_config.num_hidden_layers == 2
+    assert (tmp_path / "tiny" / "processor_config.json").exists()
+
+
 # ------------------------------------------------------------------------------------------ run.py end to end
 
 # What `python src/run.py model=internvl3_1b model.path=<tiny> strategy=<s>` does with each method: every

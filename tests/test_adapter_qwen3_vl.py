@@ -71,6 +71,12 @@ def test_layout_matches_the_processors_placeholders_and_grids() -> None:
         assert bool(layout.prunable[b][valid].all())
 
 
+def test_compact_positions_are_refused_for_the_interleaved_m_rope() -> None:
+    """Interleaved 3-D M-RoPE positions cannot be renumbered: positions=compact says so before any forward."""
+    with pytest.raises(ValueError, match="3-D M-RoPE positions that cannot be compacted"):
+        Pruner(tiny_model("qwen3_vl"), build_strategy("fastv", keep=KEEP, positions="compact"))
+
+
 # ---------------------------------------------------------------------------------------------- DeepStack
 
 
