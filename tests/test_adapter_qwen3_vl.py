@@ -71,6 +71,24 @@ def test_layout_matches_the_processors_placeholders_and_grids() -> None:
         assert bool(layout.prunable[b][valid].all())
 
 
+def test_layout_from_m_rope_positions_equals_layout_from_the_grid() -> None:
+    """transformers >= 5.23's generate() hands the forward the 3-D positions (from the model's own
+    `get_rope_index`) instead of image_grid_thw: the layout read off them is the same."""
+    model = tiny_model("qwen3_vl")
+    inputs = make_inputs()
+    adapter = adapter_for(model)
+    by_grid = adapter.visual_layout(inputs["input_ids"], {"image_grid_thw": inputs["image_grid_thw"]})
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )  # (3, B, L)
+    by_positions = adapter.visual_layout(inputs["input_ids"], {"position_ids": positions})
+    for field in ("seq_index", "image_index", "row", "col", "grid_h", "grid_w", "valid", "prunable"):
+        assert torch.equal(getattr(by_positions, field), getattr(by_grid, field)), field
+
+
 def test_compact_positions_are_refused_for_the_interleaved_m_rope() -> None:
     """Interleaved 3-D M-RoPE positions cannot be renumbered: positions=compact says so before any forward."""
     with pytest.raises(ValueError, match="3-D M-RoPE positions that cannot be compacted"):
