@@ -124,6 +124,22 @@ def test_pruning_before_inside_or_after_the_deepstack_layers_equals_the_hand_ref
         assert (pruned - without).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_a_padded_batch_pruned_before_the_deepstack_layers_equals_each_sample_alone(layer: int) -> None:
+    """DeepStack rows are batch-major over the padded batch's image tokens: pruning before layer 0 or 1 (the
+    samples keep different numbers of tokens) gives each sample's last logits as it has alone."""
+    model = tiny_model("qwen3_vl")
+    inputs = make_inputs()
+    settings = build_strategy("random" if layer == 0 else "fastv", keep=None, ratio=0.3, layer=layer)
+    with torch.no_grad(), Pruner(model, settings) as pruner:
+        batch = model(**inputs).logits[:, -1]  # (B, V)
+        batch_kept = pruner.last_record.kept_raster
+        for b in range(len(SAMPLES)):
+            alone = model(**sample_inputs(b)).logits[:, -1]
+            assert pruner.last_record.kept_raster == [batch_kept[b]]
+            torch.testing.assert_close(batch[b : b + 1], alone, atol=1e-4, rtol=0)
+
+
 def test_keeping_everything_adds_the_deepstack_features_as_the_model_does() -> None:
     """Keep-all in a padded batch (DeepStack rows are batch-major across samples) equals the untouched
     model."""
