@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+import internvl_reference
 import next_reference
+import qwen3_reference
 import qwen_reference
 import reference
 from conftest import TOKENS_PER_IMAGE, build_tiny_llava, left_pad, make_prompt, pixels
@@ -243,6 +245,72 @@ def qwen_family(name: str) -> Family:
     )
 
 
+# ---------------------------------------------------------------------------------------------- Qwen3-VL
+
+
+def qwen3_family(name: str) -> Family:
+    """Qwen3-VL (dense) or Qwen3-VL-MoE: Qwen2-VL's layout and M-RoPE, plus DeepStack features that the
+    by-hand reference carries for the kept tokens only."""
+
+    def reference_kept(eager: nn.Module, b: int, layer: int, keep: int, weight: Weight) -> list[list[int]]:
+        inputs = qwen3_reference.sample_inputs(b)
+        return qwen_reference.reference_kept_raster(eager, inputs, layer, keep, qwen_weights(weight))
+
+    return Family(
+        name=name,
+        adapter=None,
+        model=lambda attn="sdpa": qwen3_reference.tiny_model(name, attn),
+        batch=qwen3_reference.make_inputs,
+        sample=qwen3_reference.sample_inputs,
+        images=[len(sizes) for _, sizes in qwen3_reference.SAMPLES],
+        prunable=qwen3_reference.prunable,
+        fixed=lambda b: 0,
+        reference_kept=reference_kept,
+        kept_positions=lambda b, inputs, raster: qwen_reference.kept_positions(
+            inputs, qwen3_reference.tiny_model(name).config.image_token_id, raster
+        ),
+        reference_logits=qwen3_reference.reference_pruned_logits,
+        grow=qwen_reference.append_token,
+        keep=3,
+        answer=qwen_reference.until_eos,  # generate() stops at <|im_end|>
+        forward_positions=False,
+        # The vision tower runs all images of a batch as one sequence: its fp32 sums differ in the last bits.
+        batch_atol=1e-4,
+        compact=False,  # 3-D M-RoPE positions are not renumbered
+        vision_cls=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- InternVL3
+
+
+def internvl_reference_kept(
+    eager: nn.Module, b: int, layer: int, keep: int, weight: Weight
+) -> list[list[int]]:
+    return internvl_reference.reference_kept(eager, internvl_reference.sample_inputs(b), layer, keep, weight)
+
+
+INTERNVL = Family(
+    name="internvl",
+    adapter=None,
+    model=internvl_reference.tiny_model,
+    batch=internvl_reference.make_inputs,
+    sample=internvl_reference.sample_inputs,
+    images=[len(sizes) for _, sizes in internvl_reference.SAMPLES],
+    prunable=internvl_reference.prunable,
+    fixed=lambda b: 0,
+    reference_kept=internvl_reference_kept,
+    kept_positions=lambda b, inputs, raster: internvl_reference.kept_positions(inputs, raster),
+    reference_logits=internvl_reference.reference_pruned_logits,
+    grow=internvl_reference.append_token,
+    keep=5,
+    answer=internvl_reference.until_eos,  # generate() stops at <|im_end|>
+    # The vision tower runs all views of a batch together: its fp32 sums differ in the last bits.
+    batch_atol=1e-4,
+    vision_cls=False,  # each token merges 2 x 2 patches (pixel shuffle): no [CLS] row per token
+)
+
+
 def remembered(family: Family) -> Family:
     """The family with its kept-set reference computed once per (model, sample, layer, keep, prior): the
     reference runs the eager model, whatever attention implementation the test runs the engine with."""
@@ -257,6 +325,9 @@ FAMILIES: dict[str, Family] = {
         next_family("tile"),
         qwen_family("qwen2_vl"),
         qwen_family("qwen2_5_vl"),
+        qwen3_family("qwen3_vl"),
+        qwen3_family("qwen3_vl_moe"),
+        INTERNVL,
     )
 }
 

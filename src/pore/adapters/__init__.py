@@ -4,6 +4,7 @@ imported (all of them are, here), so a new family is one file in this package (d
 
 from pore.adapters.base import (
     ADAPTERS,
+    LayerFeatures,
     ModelAdapter,
     ModelFacts,
     VisualLayout,
@@ -16,6 +17,7 @@ import_submodules(__name__, __path__)
 
 __all__ = [
     "ADAPTERS",
+    "LayerFeatures",
     "ModelAdapter",
     "ModelFacts",
     "VisualLayout",

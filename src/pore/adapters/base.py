@@ -59,6 +59,18 @@ class VisualLayout:
         return shifted.max(dim=1).values if shifted.numel() else shifted.new_zeros(shifted.shape[0])
 
 
+@dataclass
+class LayerFeatures:
+    """Features the language model adds to some tokens' hidden states after each of its first decoder layers
+    (Qwen3-VL's DeepStack: vision features of intermediate encoder layers, one set per decoder layer, added
+    to the visual tokens after decoder layers 0, 1, ...). Pruning removes tokens, so the engine adds them
+    itself, to the tokens still in the sequence (`pore.engine.layer_features`)."""
+
+    mask: torch.Tensor  # (B, L) bool: the prompt positions that receive features
+    # per decoder layer i < len(features): (M, D) rows for the True positions of `mask`, batch-major order
+    features: list[torch.Tensor]
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What resolving a strategy needs to know about a model: read from its config alone (no weights), so
@@ -90,6 +102,8 @@ class ModelAdapter(ABC):
     multimodal_rope: bool = False
     #: whether the vision tower encodes an image as several views (LLaVA-NeXT: the base image and its tiles)
     encodes_views: bool = False
+    #: whether the language model adds features to tokens after its first layers (`take_layer_features`)
+    adds_layer_features: bool = False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -163,6 +177,12 @@ class ModelAdapter(ABC):
             f"requests of the vision tower (VisionHiddenStates, VisionAttention, VisionKeys) are not "
             f"supported for it; image and text embeddings and decoder requests are"
         )
+
+    def take_layer_features(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], LayerFeatures | None]:
+        """The language model's arguments without the features it would add to token positions after its
+        first decoder layers, and those features (None: the family has none). The engine calls it in the
+        language model's pre-hook and adds the features to the tokens that survive pruning."""
+        return kwargs, None
 
     def vision_token_index(
         self, layout: VisualLayout, image_inputs: Mapping[str, Any] | None = None

@@ -88,11 +88,12 @@ from transformers.cache_utils import DynamicCache
 
 from pore import compat
 from pore.adapters import ModelAdapter, adapter_for
+from pore.engine.layer_features import LayerFeatureAdder
 from pore.engine.observe import Observer
 from pore.engine.record import PruningRecord
 from pore.engine.rerank import kept_raster
 from pore.engine.stage import StageRunner
-from pore.engine.state import HookState, IncomingCall, LanguageForward, Prefill
+from pore.engine.state import HookState, IncomingCall, LanguageForward, Prefill, PromptFeatures
 from pore.engine.tap import Tap
 from pore.methods import METHODS
 from pore.strategy import Strategy
@@ -172,6 +173,8 @@ class Pruner:
             else:
                 hook = self._on_pruned_layer
             self._handles.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        if self.adapter.adds_layer_features:  # DeepStack: added to the tokens that survive, after each layer
+            self._handles += LayerFeatureAdder(self._state).attach(self.layers)
         # After the pruner's own hooks: a capture of a layer's input sees what the pruner hands the layer.
         self._handles += self._observer.attach(self._tap)
 
@@ -223,10 +226,13 @@ class Pruner:
         # What the adapter may need to place the visual tokens (image_sizes, image_grid_thw, ...).
         call.image_inputs = {key: value for key, value in kwargs.items() if key != "input_ids"}
 
-    def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # What the multimodal wrapper and the vision tower saw of this forward is consumed here.
         call = self._state.incoming or IncomingCall()
         self._state.incoming = self._state.forward = None
+        # Features the language model would add after its first layers (DeepStack) to a (B, L) set of
+        # positions that pruning changes: the engine adds them to the surviving tokens instead.
+        kwargs, layer_features = self.adapter.take_layer_features(kwargs)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise ValueError("the pruner needs the VLM to call its language model with inputs_embeds")
@@ -248,7 +254,10 @@ class Pruner:
         else:
             forward.prefill = self._new_prefill(call, kwargs, embeds, padding_mask)
             self._state.prompt = None
+        if layer_features is not None:
+            forward.layer_features = PromptFeatures.of(layer_features)
         self._state.forward = forward
+        return (args, kwargs) if layer_features is not None else None
 
     def _check_continuation(self, call: IncomingCall, cache: DynamicCache) -> None:
         if self._state.prompt is None or self._state.prompt.cache is not cache:

@@ -25,7 +25,23 @@ from transformers.cache_utils import Cache
 
 from pore.adapters import VisualLayout
 from pore.engine.rerank import RerankState
+from pore.adapters import LayerFeatures, VisualLayout
 from pore.methods.requests import Request
+
+
+@dataclass
+class PromptFeatures:
+    """One prompt's layer features (DeepStack), with the feature row of each prompt position
+    (`pore.engine.layer_features` adds them to the tokens that survive pruning)."""
+
+    features: list[torch.Tensor]  # per decoder layer: (M, D)
+    row: torch.Tensor  # (B, L) long: the feature row of each prompt position, -1 where it receives none
+
+    @classmethod
+    def of(cls, given: LayerFeatures) -> PromptFeatures:
+        mask = given.mask.bool()  # (B, L)
+        rank = torch.cumsum(mask.flatten().long(), dim=0).view(mask.shape) - 1  # batch-major order
+        return cls(list(given.features), torch.where(mask, rank, -1))
 
 
 @dataclass
@@ -87,6 +103,8 @@ class LanguageForward:
     layer_inputs: PrunedLayerInputs | None = None  # what the layers after the last pruning point get
     # (B, L_total) a decoding step's last-token attention in layer K-1 (captured only for re-ranking)
     decoding_rows: torch.Tensor | None = None
+    # features the language model would add after its first layers (DeepStack), taken from its arguments
+    layer_features: PromptFeatures | None = None
 
 
 @dataclass
