@@ -23,9 +23,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from pore.adapters import VisualLayout
-from pore.engine.rerank import RerankState
 from pore.adapters import LayerFeatures, VisualLayout
+from pore.engine.rerank import RerankState
 from pore.methods.requests import Request
 
 
