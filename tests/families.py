@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import next_reference
+import onevision_reference
 import qwen_reference
 import reference
 from conftest import TOKENS_PER_IMAGE, build_tiny_llava, left_pad, make_prompt, pixels
@@ -191,6 +192,54 @@ def next_family(frame: str) -> Family:
     )
 
 
+# ---------------------------------------------------------------------------------------------- OneVision
+
+# A lone 2:1 image (4 x 8 high-resolution grid), a sample of two images (base views only, one newline each),
+# and a square image whose 8 x 8 grid is shrunk to 5 x 5 (anyres_max_2).
+ONEVISION_SIZES: list[list[tuple[int, int]]] = [[(20, 40)], [(30, 30), (48, 30)], [(40, 40)]]
+
+
+@functools.cache
+def onevision_model(attn: str = "sdpa") -> nn.Module:
+    return onevision_reference.build_model(attn)
+
+
+@functools.cache
+def onevision_batch() -> Inputs:
+    return onevision_reference.prompt_inputs(ONEVISION_SIZES)
+
+
+def onevision_sample(b: int) -> Inputs:
+    before = sum(len(sizes) for sizes in ONEVISION_SIZES[:b])
+    return onevision_reference.sample_inputs(dict(onevision_batch()), b, before, len(ONEVISION_SIZES[b]))
+
+
+def onevision_grow(inputs: Inputs, token: int) -> Inputs:
+    sequence = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
+    return {**inputs, "input_ids": sequence, "attention_mask": torch.ones_like(sequence)}
+
+
+ONEVISION = Family(
+    name="llava_onevision",
+    adapter=None,
+    model=onevision_model,
+    batch=lambda: dict(onevision_batch()),
+    sample=onevision_sample,
+    images=[len(sizes) for sizes in ONEVISION_SIZES],
+    prunable=lambda b: onevision_reference.prunable_counts(ONEVISION_SIZES[b]),
+    fixed=lambda b: onevision_reference.newline_count(ONEVISION_SIZES[b]),
+    reference_kept=lambda eager, b, layer, keep, weight: onevision_reference.reference_kept(
+        eager, onevision_sample(b), ONEVISION_SIZES[b], layer, keep, weight
+    ),
+    kept_positions=lambda b, inputs, raster: onevision_reference.kept_positions(
+        inputs["input_ids"], ONEVISION_SIZES[b], raster
+    ),
+    reference_logits=onevision_reference.reference_pruned_logits,
+    grow=onevision_grow,
+    keep=5,
+    vision_cls=False,  # SigLIP: FasterVLM is refused (tests/test_adapter_llava_onevision.py)
+)
+
 # ---------------------------------------------------------------------------------------------- Qwen2-VL
 
 
@@ -255,6 +304,7 @@ FAMILIES: dict[str, Family] = {
         LLAVA,
         next_family("image"),
         next_family("tile"),
+        ONEVISION,
         qwen_family("qwen2_vl"),
         qwen_family("qwen2_5_vl"),
     )
