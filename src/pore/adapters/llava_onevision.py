@@ -53,6 +53,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     name = "llava_onevision"
     encodes_views = False  # no vision requests: nothing maps the tower's positions to tokens here
+    processor_class = "LlavaOnevisionProcessor"
 
     classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     model_types = ("llava_onevision",)
