@@ -159,17 +159,79 @@ def test_an_image_of_several_frames_is_one_image_with_rows_per_frame(family: str
         assert torch.equal(getattr(by_positions, field), getattr(layout, field)), field
 
 
-def test_video_tokens_are_not_visual_tokens(family: str) -> None:
-    """Video tokens are left alone: not in the layout, never scored or pruned (they count as text)."""
+def video_inputs(family: str, seed: int = 0) -> dict:
+    """A tiny video (4 frames of 28 x 28 px: t = 2 temporal patches of 2 x 2 tokens) then a 28 x 28 image, in
+    one prompt, as the model takes them: placeholders, M-RoPE token types and seeded noise patches (the video
+    processor needs torchvision, so the pixels are written directly in the processor's patch layout)."""
+    config = tiny_model(family).config
+    vision = config.vision_config
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    video, image = config.video_token_id, config.image_token_id
+    start, end = config.vision_start_token_id, config.vision_end_token_id
+    ids = [1, start] + [video] * 8 + [end, 40, start] + [image] * 4 + [end, 41, 42]
+    input_ids = torch.tensor([ids])
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": ((input_ids == image).long() + 2 * (input_ids == video).long()),
+        "pixel_values_videos": torch.randn(2 * 4 * 4, patch, generator=generator),
+        "video_grid_thw": torch.tensor([[2, 4, 4]]),
+        "pixel_values": torch.randn(4 * 4, patch, generator=generator),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+    }
+
+
+def test_video_tokens_are_visual_tokens_with_frame_row_col(family: str) -> None:
+    """A video is one item of the layout (one budget), its tokens frame after frame with (frame, row, col);
+    items are numbered in prompt order (the video before the image here); the M-RoPE positions (what
+    generate() hands the forward in transformers >= 5.23) say the same."""
     model = tiny_model(family)
-    config = model.config
-    input_ids = torch.tensor(
-        [[1, 3, config.video_token_id, config.video_token_id, 4, 3] + [config.image_token_id] * 4 + [4]]
-    )
+    inputs = video_inputs(family)
     adapter = adapter_for(model)
-    assert adapter.visual_token_mask(input_ids).sum().item() == 4
-    layout = adapter.visual_layout(input_ids, {"image_grid_thw": torch.tensor([[1, 4, 4]])})
-    assert layout.seq_index[0].tolist() == [6, 7, 8, 9]
+    assert adapter.visual_token_mask(inputs["input_ids"]).sum().item() == 12
+    layout = adapter.visual_layout(inputs["input_ids"], inputs)
+    assert layout.seq_index[0].tolist() == [*range(2, 10), *range(13, 17)]
+    assert layout.image_index[0].tolist() == [0] * 8 + [1] * 4
+    assert layout.frames[0].tolist() == [0] * 4 + [1] * 4 + [0] * 4
+    assert layout.row[0].tolist() == [0, 0, 1, 1] * 3
+    assert layout.col[0].tolist() == [0, 1] * 6
+    assert layout.grid_h[0].tolist() == layout.grid_w[0].tolist() == [2] * 12
+    assert bool(layout.prunable[0].all())
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=inputs["video_grid_thw"],
+    )
+    by_positions = adapter.visual_layout(inputs["input_ids"], {"position_ids": positions})
+    for field in ("image_index", "row", "col", "grid_h", "grid_w", "frames"):
+        assert torch.equal(getattr(by_positions, field), getattr(layout, field)), field
+
+
+def test_video_tokens_are_pruned_with_one_budget_per_video(family: str) -> None:
+    """keep=3 keeps 3 of the video's 8 tokens and 3 of the image's 4, in a forward and in generate(); the
+    kept set is FastV's top-3 per item of the last prompt token's eager attention (mean over heads) in
+    layer K - 1; keeping everything equals the untouched model."""
+    model, eager = tiny_model(family), tiny_model(family, "eager")
+    inputs = video_inputs(family)
+    with torch.no_grad():
+        untouched = model(**inputs).logits
+        attention = eager(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(dim=0)  # (L,)
+        with Pruner(model, build_strategy("fastv", keep=None, ratio=1.0, layer=2)):
+            torch.testing.assert_close(model(**inputs).logits, untouched, atol=1e-5, rtol=0)
+        with Pruner(model, build_strategy("fastv", keep=3, layer=2)) as pruner:
+            pruned = model(**inputs).logits
+            kept = pruner.last_record.kept_raster
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    spans = [list(range(2, 10)), list(range(13, 17))]
+    expected = [
+        sorted(sorted(range(len(s)), key=lambda i, s=s: (-float(attention[s[i]]), i))[:3]) for s in spans
+    ]
+    assert kept == [expected]
+    assert pruner.last_record.kept_raster == kept  # generate()'s prefill placed the video the same way
+    assert pruned.shape[1] == inputs["input_ids"].shape[1] - (8 - 3) - (4 - 3)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
 def test_tiny_model_saves_and_loads_with_the_auto_class(family: str, tmp_path) -> None:

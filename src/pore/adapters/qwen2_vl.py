@@ -15,7 +15,12 @@ t = 1. Should an image have t > 1 frames, its tokens are frame after frame: row 
 each frame (so a row prior treats every frame alike) and all frames share one `image_index` (one budget per
 image). Images of different sizes give different grids, in one prompt and across a batch.
 
-Video tokens (`<|video_pad|>`) are not in the layout: they are never scored, never pruned and count as text.
+Video tokens (`<|video_pad|>`, placed by `video_grid_thw` the same way, frame after frame: the vision tower
+merges `temporal_patch_size` (2) frames into one temporal patch, so a "frame" here is one temporal patch) are
+visual tokens like image tokens: scored and prunable, with `frame` (the layout's `frame` and `part`, so that
+pooling pools each frame on its own), and row / col inside the frame. A video is one item of the layout
+(`image_index`: the sample's images and videos numbered in prompt order), so the budget (`keep`, `ratio`) is
+per video; a budget per frame is not an option yet.
 
 M-RoPE: the language model turns the (3, B, L) position ids into one (cos, sin) pair of shape (B, L, head_dim)
 (time / height / width sections already interleaved) and hands every decoder layer that pair plus the 1-D
@@ -57,33 +62,48 @@ class Qwen2VLAdapter(ModelAdapter):
         super().__init__(model)
         config = model.config
         self.image_token_id: int = config.image_token_id
+        self.video_token_id: int = config.video_token_id
         self.merge: int = config.vision_config.spatial_merge_size
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: image and video placeholders (`<|image_pad|>`, `<|video_pad|>`)."""
+        return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
 
     def visual_layout(
         self, input_ids: torch.Tensor, image_inputs: Mapping[str, Any] | None = None
     ) -> VisualLayout:
-        is_image = self.visual_token_mask(input_ids)  # (B, L)
-        seq_index, slot, valid, counts = visual_slots(is_image)  # (B, N) each
+        is_visual = self.visual_token_mask(input_ids)  # (B, L)
+        seq_index, _, valid, _ = visual_slots(is_visual)  # (B, N) each
         if seq_index.shape[1] == 0:
             empty = torch.zeros_like(seq_index)
             return VisualLayout(seq_index, empty, empty, empty, empty, empty, valid, valid)
 
         inputs = image_inputs or {}
-        grid_thw, position_ids = inputs.get("image_grid_thw"), inputs.get("position_ids")
-        if grid_thw is not None:
-            image, row, col, grid_h, grid_w = self._place_by_grid(counts, slot, valid, grid_thw)
+        position_ids = inputs.get("position_ids")
+        is_video = input_ids == self.video_token_id
+        grids = {"image_grid_thw": is_visual & ~is_video, "video_grid_thw": is_video}
+        if all(inputs.get(key) is not None or not bool(mask.any()) for key, mask in grids.items()):
+            # (B, L) maps of each placeholder's item (image or video of its kind), row, col, ... per kind.
+            maps = [torch.zeros_like(input_ids, dtype=torch.long) for _ in range(6)]
+            for kind, (key, mask) in enumerate(grids.items()):
+                if bool(mask.any()):
+                    self._scatter_kind(maps, mask, inputs[key], kind)
+            item, row, col, grid_h, grid_w, frame = (m.gather(1, seq_index) for m in maps)
+            image = self._items_in_sequence_order(item, valid)
         elif position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
             # transformers >= 5.23's generate() encodes the images before the prefill and no longer hands
             # image_grid_thw to the forward; the 3-D M-RoPE positions it hands instead hold the same grid.
-            image, row, col, grid_h, grid_w = self._place_by_positions(
-                is_image, seq_index, valid, position_ids
+            image, row, col, grid_h, grid_w, frame = self._place_by_positions(
+                is_visual, seq_index, valid, position_ids
             )
         else:
             raise ValueError(
-                "Qwen2-VL prompts with image tokens need image_grid_thw (one (t, h, w) row per image) or the "
-                "model's 3-D position ids to place them; pass the processor's output to the model unchanged"
+                "Qwen2-VL prompts with image (video) tokens need image_grid_thw (video_grid_thw), one (t, h, "
+                "w) row per image (video), or the model's 3-D position ids to place them; pass the "
+                "processor's output to the model unchanged"
             )
         zeros = torch.zeros_like(seq_index)
+        frame = torch.where(valid, frame, zeros)
         return VisualLayout(
             seq_index=seq_index,
             image_index=torch.where(valid, image, zeros),
@@ -93,12 +113,32 @@ class Qwen2VLAdapter(ModelAdapter):
             grid_w=torch.where(valid, grid_w, zeros),
             valid=valid,
             prunable=valid.clone(),
+            part=frame,  # each frame is a grid of its own (pooling pools frame by frame)
+            frame=frame,
         )
+
+    def _scatter_kind(self, maps: list[torch.Tensor], mask: torch.Tensor, grid_thw: Any, kind: int) -> None:
+        """Write (item, row, col, grid_h, grid_w, frame) of one kind's placeholders (mask (B, L)) into the
+        (B, L) `maps`; item = 2 * (index among the sample's items of this kind) + kind (0 image, 1 video)."""
+        seq_index, slot, valid, counts = visual_slots(mask)  # (B, N_kind)
+        placed = self._place_by_grid(counts, slot, valid, grid_thw)  # image, row, col, grid_h, grid_w, frame
+        values = (2 * placed[0] + kind, *placed[1:])
+        for target, value in zip(maps, values, strict=True):
+            current = target.gather(1, seq_index)
+            target.scatter_(1, seq_index, torch.where(valid, value, current))
+
+    @staticmethod
+    def _items_in_sequence_order(item: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, N) index of each token's item (image or video) among its sample's items, in sequence order: a
+        new item starts wherever the (kind, index) key changes between consecutive visual tokens."""
+        previous = torch.nn.functional.pad(item, (1, 0), value=-1)[:, :-1]  # (B, N)
+        starts = (item != previous) & valid
+        return (torch.cumsum(starts, dim=1) - 1).clamp(min=0)
 
     def _place_by_grid(
         self, counts: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, grid_thw: Any
     ) -> tuple[torch.Tensor, ...]:
-        """(image_index, row, col, grid_h, grid_w), each (B, N), from image_grid_thw (I, 3)."""
+        """(image_index, row, col, grid_h, grid_w, frame), each (B, N), from one kind's grid_thw (I, 3)."""
         grid_thw = torch.as_tensor(grid_thw, device=slot.device).long().reshape(-1, 3)  # (I, 3)
         frames = grid_thw[:, 0]  # (I,)
         rows_per_image = grid_thw[:, 1] // self.merge  # (I,) grid height in language-model tokens
@@ -117,13 +157,16 @@ class Qwen2VLAdapter(ModelAdapter):
         within = stream - starts[image]  # (B, N) index inside the image's tokens, frame after frame
         in_frame = within % per_frame[image]
         width = cols_per_image[image]
-        return image - first_image[:, None], in_frame // width, in_frame % width, rows_per_image[image], width
+        frame = within // per_frame[image]
+        row, col = in_frame // width, in_frame % width
+        return image - first_image[:, None], row, col, rows_per_image[image], width, frame
 
     @staticmethod
     def _place_by_positions(
         is_image: torch.Tensor, seq_index: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        """(image_index, row, col, grid_h, grid_w), each (B, N), from M-RoPE position ids (3 or 4, B, L).
+        """(image_index, row, col, grid_h, grid_w, frame), each (B, N), from M-RoPE position ids (3 or 4, B,
+        L).
 
         An image is a run of image tokens (as for `get_rope_index`, which places each run of one modality as
         one image); inside it the height / width positions are start + row / start + col (the last two rows
@@ -148,7 +191,15 @@ class Qwen2VLAdapter(ModelAdapter):
 
         top, left = reduce(height, "amin"), reduce(width, "amin")
         row, col = height - top, width - left
-        return image, row, col, reduce(row, "amax") + 1, reduce(col, "amax") + 1
+        # Frames of a video: its distinct temporal positions in order (steps of 1 in Qwen2-VL, of
+        # tokens_per_second * seconds per frame in Qwen2.5-VL); an image has one.
+        time = position_ids[-3].to(seq_index.device).long().gather(1, seq_index)  # (B, N)
+        frame = torch.zeros_like(time)
+        several = valid & (reduce(time, "amax") > reduce(time, "amin"))  # (B, N) tokens of multi-frame items
+        for bucket in key.view(batch, n)[several].unique().tolist():
+            members = key.view(batch, n) == bucket
+            frame[members] = torch.unique(time[members], return_inverse=True)[1]
+        return image, row, col, reduce(row, "amax") + 1, reduce(col, "amax") + 1, frame
 
     def _check_alignment(
         self, counts: torch.Tensor, offset: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
