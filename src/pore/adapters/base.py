@@ -56,6 +56,20 @@ class VisualLayout:
         return self.frame if self.frame is not None else torch.zeros_like(self.seq_index)
 
     @property
+    def frame_counts(self) -> torch.Tensor:
+        """(B, N) long: frames of the item (image or video) each token belongs to (1 for images)."""
+        frames = self.frames
+        if self.frame is None or frames.numel() == 0:
+            return torch.ones_like(self.seq_index)
+        items = int(self.image_index.max()) + 1
+        key = (
+            torch.arange(frames.shape[0], device=frames.device)[:, None] * items + self.image_index
+        )  # (B, N)
+        last = torch.zeros(frames.shape[0] * items, dtype=torch.long, device=frames.device)
+        last = last.scatter_reduce(0, key.flatten(), frames.flatten(), "amax", include_self=True)
+        return last[key] + 1
+
+    @property
     def raster(self) -> torch.Tensor:
         """(B, N) long: raster index row * W + col of each token in its image grid."""
         return self.row * self.grid_w + self.col
