@@ -251,3 +251,74 @@ def test_model_configs_name_the_hub_checkpoint_and_are_refused_offline(name: str
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1
     assert f"llava-hf/llava-onevision-qwen2-{size}-ov-hf" in lines[0] and "offline" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- video
+
+
+def image_and_video_inputs(seed: int = 0) -> dict:
+    """One sample: a lone 20 x 40 image (the processor's prompt), then a 2-frame video appended by hand (the
+    video processor needs torchvision): 2 frames pooled 2 x 2 to 2 x 2 tokens each, then one newline, as
+    `LlavaOnevisionProcessor` writes `<video>` placeholders, and seeded noise frames."""
+    inputs = prompt_inputs([[(20, 40)]])
+    proc = processor()
+    words = proc.tokenizer.convert_tokens_to_ids(["what", "colour"])
+    video = torch.tensor([[proc.video_token_id] * 9 + words])
+    input_ids = torch.cat([inputs["input_ids"], video], dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        **inputs,
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values_videos": torch.randn(1, 2, 3, 32, 32, generator=generator),
+    }
+
+
+def test_video_tokens_have_frame_row_col_and_a_fixed_newline() -> None:
+    model = onevision_model()
+    inputs = image_and_video_inputs()
+    layout = LlavaOnevisionAdapter(model).visual_layout(inputs["input_ids"], inputs)
+    image_tokens = len(expected_tokens((20, 40)))
+    video = slice(image_tokens, image_tokens + 9)
+    assert int(layout.valid.sum()) == image_tokens + 9
+    assert layout.image_index[0].tolist() == [0] * image_tokens + [1] * 9
+    assert layout.frames[0, video].tolist() == [0] * 4 + [1] * 5
+    assert layout.row[0, video].tolist() == [0, 0, 1, 1] * 2 + [1]
+    assert layout.col[0, video].tolist() == [0, 1] * 4 + [1]
+    assert layout.grid_h[0, video].tolist() == [2] * 9
+    assert layout.prunable[0, video].tolist() == [True] * 8 + [False]
+    assert layout.frame_counts[0, video].tolist() == [2] * 9
+    assert layout.frames[0, :image_tokens].tolist() == [0] * image_tokens
+    positions = (inputs["input_ids"][0] == processor().video_token_id).nonzero().flatten()
+    assert layout.seq_index[0, video].tolist() == positions.tolist()
+
+
+def test_video_tokens_are_pruned_with_one_budget_per_video() -> None:
+    """keep=3 keeps FastV's top-3 of the image's 48 prunable tokens and of the video's 8 (eager attention of
+    the last prompt token in layer K - 1, mean over heads, written out by hand), the newlines on top; a
+    forward and generate() (which encodes the video first in transformers >= 5.23) agree."""
+    model, eager = onevision_model(), onevision_model("eager")
+    inputs = image_and_video_inputs()
+    image_positions = (inputs["input_ids"][0] == processor().image_token_id).nonzero().flatten().tolist()
+    video_positions = (inputs["input_ids"][0] == processor().video_token_id).nonzero().flatten().tolist()
+    prunable = [
+        [p for p, t in zip(image_positions, expected_tokens((20, 40)), strict=True) if t.part != "newline"],
+        video_positions[:-1],
+    ]
+    with torch.no_grad():
+        attention = eager(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(dim=0)  # (L,)
+        untouched = model(**inputs).logits
+        with Pruner(model, build_strategy("fastv", keep=None, ratio=1.0, layer=2)):
+            torch.testing.assert_close(model(**inputs).logits, untouched, atol=1e-5, rtol=0)
+        with Pruner(model, build_strategy("fastv", keep=3, layer=2)) as pruner:
+            pruned = model(**inputs).logits
+            kept = pruner.last_record.kept_raster
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    expected = []
+    for positions in prunable:
+        best = sorted(positions, key=lambda p: (-float(attention[p]), p))[:3]
+        expected.append(sorted(positions.index(p) for p in best))
+    assert kept == [expected]
+    assert pruner.last_record.kept_raster == kept
+    assert pruned.shape[1] == inputs["input_ids"].shape[1] - (48 - 3) - (8 - 3)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -15,6 +15,10 @@ S x S vision grid (S = 384 / 14 = 27 for llava-onevision-qwen2-*-ov-hf):
 A sample with several images (`batch_num_images` > 1, as the processor gives nested image lists) gets only
 each image's base view, then one newline. All of them are `<image>` placeholders in `input_ids`.
 
+Videos (`<video>` placeholders): each frame's S x S features pooled to P x P (P = ceil(S / 2)), frame after
+frame, then one newline for the video. A video is one item of the layout (one budget), its tokens carry
+(frame, row, col) (`VisualLayout.frame`; `part` = frame, so pooling pools each frame on its own).
+
 The adapter gives (row, col) in the base S x S grid for base tokens and in the final H x W grid for
 high-resolution ones (a shrunk grid's tokens mix several encoder patches, so there is no tile frame); newline
 tokens are valid, never prunable and carry the position of the token before them. One budget per image
@@ -61,6 +65,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model, position_frame="image")
         self.aspect_ratio: str = getattr(model.config, "vision_aspect_ratio", "anyres_max_9")
+        self.video_token_id: int = model.config.video_token_id
 
     # ------------------------------------------------------------------ one image
 
@@ -145,6 +150,102 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 "inputs with the model's own processor (LlavaOnevisionProcessor)"
             )
         return [self.image_tokens(int(h), int(w), t) for (h, w), t in zip(sizes, tiled, strict=True)]
+
+    # ------------------------------------------------------------------ videos
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: image and video placeholders (`<image>`, `<video>`)."""
+        return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
+
+    def visual_layout(
+        self, input_ids: torch.Tensor, image_inputs: Mapping[str, Any] | None = None
+    ) -> VisualLayout:
+        """Images as LLaVA-NeXT's layout reads them; with video tokens, every image and video of a sample as
+        one item each, in prompt order, video tokens carrying their frame (`frame`, and `part` so that
+        pooling pools frame by frame)."""
+        image_inputs = image_inputs or {}
+        is_video = input_ids == self.video_token_id
+        if not bool(is_video.any()):
+            return super().visual_layout(input_ids, image_inputs)
+        is_image = input_ids == self.image_token_id
+        images = self._assign(is_image, self._images(image_inputs) if bool(is_image.any()) else [], "image")
+        videos = self._assign(is_video, self._videos(image_inputs), "video")
+        is_visual = is_image | is_video
+        counts = is_visual.sum(dim=1).tolist()
+        per_sample, frames = [], []
+        for b in range(len(counts)):
+            # Items in prompt order: by the sequence position of their first token.
+            items = sorted(images[b] + videos[b], key=lambda item: item[0])
+            per_sample.append([tokens for _, tokens, _ in items])
+            frames.append(torch.cat([frame for _, _, frame in items]) if items else torch.zeros(0))
+        layout = self._batch_layout(is_visual, counts, per_sample)
+        frame = torch.zeros_like(layout.seq_index)
+        for b, sample_frames in enumerate(frames):
+            frame[b, : len(sample_frames)] = sample_frames.to(frame.device)
+        video_slot = is_video.gather(1, layout.seq_index) & layout.valid  # (B, N)
+        layout.part = torch.where(video_slot, frame, layout.grid_part)
+        layout.frame = frame
+        return layout
+
+    def _videos(self, image_inputs: Mapping[str, Any]) -> list[tuple[ImageTokens, torch.Tensor]]:
+        """Each video's tokens (frames pooled 2 x 2 to P x P, P = ceil(S / 2), frame after frame, then one
+        newline) and their frames, from `pixel_values_videos` (videos, T, C, H, W) or, when generate()
+        encoded them first, the features' lengths (T * P * P + 1)."""
+        pooled = -(-self.side // 2)
+        per_frame = pooled * pooled
+        pixels = image_inputs.get("pixel_values_videos")
+        encoded = (image_inputs.get(compat.PRE_ENCODED_IMAGES_KEY) or {}).get("video")
+        if pixels is not None:
+            lengths = [int(pixels.shape[1])] * int(pixels.shape[0])
+        elif encoded is not None:
+            lengths = [(int(features.shape[0]) - 1) // per_frame for features in encoded.pooler_output]
+        else:
+            raise ValueError(
+                "LLaVA-OneVision video tokens need pixel_values_videos (the processor returns them) to place "
+                "them; pass them to the model / generate()"
+            )
+        videos = []
+        for length in lengths:
+            index = torch.arange(length * per_frame + 1).clamp(max=length * per_frame - 1)
+            part = torch.full(index.shape, HIGH_RES)
+            part[-1] = NEWLINE
+            within = index % per_frame
+            side = torch.full_like(index, pooled)
+            tokens = ImageTokens(
+                part=part, row=within // pooled, col=within % pooled, grid_h=side, grid_w=side
+            )
+            videos.append((tokens, index // per_frame))
+        return videos
+
+    def _assign(
+        self, mask: torch.Tensor, items: list[Any], kind: str
+    ) -> list[list[tuple[int, ImageTokens, torch.Tensor]]]:
+        """Per sample, (first position, tokens, frame (T,)) of the images or videos that fill its `mask`
+        placeholders, in order (as masked_scatter fills them): sample b takes the next items until their
+        token counts add up to its own."""
+        counts = mask.sum(dim=1).tolist()
+        out: list[list[tuple[int, ImageTokens, torch.Tensor]]] = [[] for _ in counts]
+        next_item = 0
+        for b, count in enumerate(counts):
+            positions = mask[b].nonzero().flatten().tolist()
+            total = 0
+            while total < count and next_item < len(items):
+                item = items[next_item]
+                tokens, frame = (
+                    item if isinstance(item, tuple) else (item, torch.zeros(len(item), dtype=torch.long))
+                )
+                out[b].append((positions[total], tokens, frame))
+                total += len(tokens)
+                next_item += 1
+            if total != count:
+                next_item = -1
+                break
+        if next_item != len(items):
+            raise ValueError(
+                f"the prompts hold {counts} {kind} tokens per sample, which are not whole {kind}s of the "
+                f"inputs; build the prompts with the model's own processor ({self.processor_class})"
+            )
+        return out
 
     # ------------------------------------------------------------------ the vision tower
 
