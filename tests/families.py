@@ -254,7 +254,7 @@ def qwen_weights(weight: Weight) -> qwen_reference.Weights:
     return weights
 
 
-def qwen_family(name: str) -> Family:
+def qwen_family(name: str, adapter: str | None = None) -> Family:
     samples = qwen_reference.SAMPLES
 
     def reference_kept(eager: nn.Module, b: int, layer: int, keep: int, weight: Weight) -> list[list[int]]:
@@ -268,8 +268,8 @@ def qwen_family(name: str) -> Family:
         ]
 
     return Family(
-        name=name,
-        adapter=None,
+        name=adapter or name,
+        adapter=adapter,
         model=lambda attn="sdpa": qwen_reference.tiny_model(name, attn),
         batch=lambda: qwen_reference.make_inputs(name, samples),
         sample=lambda b: qwen_reference.sample_inputs(name, b),
@@ -307,6 +307,8 @@ FAMILIES: dict[str, Family] = {
         ONEVISION,
         qwen_family("qwen2_vl"),
         qwen_family("qwen2_5_vl"),
+        # One budget per video frame: on these image-only samples it must behave exactly as qwen2_vl.
+        qwen_family("qwen2_vl", adapter="qwen2_vl_frames"),
     )
 }
 

@@ -212,6 +212,26 @@ def test_video_tokens_are_pruned_with_one_budget_per_video(family: str) -> None:
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def test_budget_per_frame_keeps_the_budget_in_every_frame(family: str) -> None:
+    """model.adapter=qwen2_vl_frames: each of the video's 2 frames is an item with its own top-2 (FastV's
+    choice within the frame, from the eager reference), the image one more item; the default keeps 2 of the
+    whole video."""
+    model, eager = tiny_model(family), tiny_model(family, "eager")
+    inputs = video_inputs(family)
+    with torch.no_grad():
+        attention = eager(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(dim=0)  # (L,)
+        with Pruner(model, build_strategy("fastv", keep=2, layer=2), "qwen2_vl_frames") as per_frame:
+            model(**inputs)
+        with Pruner(model, build_strategy("fastv", keep=2, layer=2)) as per_video:
+            model(**inputs)
+    spans = [list(range(2, 6)), list(range(6, 10)), list(range(13, 17))]  # frame 0, frame 1, the image
+    expected = [sorted(sorted(span, key=lambda p: (-float(attention[p]), p))[:2]) for span in spans]
+    assert per_frame.last_record.kept_raster == [
+        [[span.index(p) for p in chosen] for span, chosen in zip(spans, expected, strict=True)]
+    ]
+    assert [len(kept) for kept in per_video.last_record.kept_raster[0]] == [2, 2]
+
+
 def test_tiny_model_saves_and_loads_with_the_auto_class(family: str, tmp_path) -> None:
     """The pipeline loads models with AutoModelForImageTextToText; the adapter is found for what it loads."""
     from transformers import AutoModelForImageTextToText

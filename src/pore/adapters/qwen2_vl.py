@@ -20,7 +20,7 @@ merges `temporal_patch_size` (2) frames into one temporal patch, so a "frame" he
 visual tokens like image tokens: scored and prunable, with `frame` (the layout's `frame` and `part`, so that
 pooling pools each frame on its own), and row / col inside the frame. A video is one item of the layout
 (`image_index`: the sample's images and videos numbered in prompt order), so the budget (`keep`, `ratio`) is
-per video; a budget per frame is not an option yet.
+per video, or per frame with `model.adapter=qwen2_vl_frames` (each frame its own item).
 
 M-RoPE: the language model turns the (3, B, L) position ids into one (cos, sin) pair of shape (B, L, head_dim)
 (time / height / width sections already interleaved) and hands every decoder layer that pair plus the 1-D
@@ -57,6 +57,9 @@ class Qwen2VLAdapter(ModelAdapter):
 
     classes = QWEN_VL_CLASSES
     model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    #: whether every frame of a video is an item of its own (its own budget) instead of the whole video
+    budget_per_frame: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -104,6 +107,8 @@ class Qwen2VLAdapter(ModelAdapter):
             )
         zeros = torch.zeros_like(seq_index)
         frame = torch.where(valid, frame, zeros)
+        if self.budget_per_frame:  # every frame of a video its own item (images have one frame)
+            image = self._items_in_sequence_order(image * (int(frame.max()) + 1) + frame, valid)
         return VisualLayout(
             seq_index=seq_index,
             image_index=torch.where(valid, image, zeros),
@@ -218,3 +223,14 @@ class Qwen2VLAdapter(ModelAdapter):
                 f"{self.merge} merge); build prompts and images with the model's own processor, images in "
                 "prompt order, sample after sample"
             )
+
+
+@ADAPTERS.register("qwen2_vl_frames")
+class Qwen2VLFramesAdapter(Qwen2VLAdapter):
+    """Qwen2-VL / Qwen2.5-VL with one budget per video frame (`model.adapter=qwen2_vl_frames`): each frame of
+    a video is an item of the layout (`image_index`), so `keep` / `ratio` apply per frame and
+    `kept_visual_indices` list each frame on its own. Images are unchanged. Never picked automatically."""
+
+    name = "qwen2_vl_frames"
+    budget_per_frame = True
+    auto = False
