@@ -305,6 +305,8 @@ FAMILIES: dict[str, Family] = {
         next_family("image"),
         next_family("tile"),
         ONEVISION,
+        # One budget per video frame: on these image-only samples it must behave exactly as llava_onevision.
+        dataclasses.replace(ONEVISION, name="llava_onevision_frames", adapter="llava_onevision_frames"),
         qwen_family("qwen2_vl"),
         qwen_family("qwen2_5_vl"),
         # One budget per video frame: on these image-only samples it must behave exactly as qwen2_vl.

@@ -322,3 +322,24 @@ def test_video_tokens_are_pruned_with_one_budget_per_video() -> None:
     assert pruner.last_record.kept_raster == kept
     assert pruned.shape[1] == inputs["input_ids"].shape[1] - (48 - 3) - (8 - 3)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_budget_per_frame_keeps_the_budget_in_every_frame() -> None:
+    """model.adapter=llava_onevision_frames: each of the video's 2 frames keeps its own top-2 (FastV's choice
+    within the frame, eager reference), the newline on top; the image is one item as before."""
+    model, eager = onevision_model(), onevision_model("eager")
+    inputs = image_and_video_inputs()
+    video = (inputs["input_ids"][0] == processor().video_token_id).nonzero().flatten().tolist()
+    with torch.no_grad():
+        attention = eager(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(dim=0)  # (L,)
+        strategy = build_strategy("fastv", keep=2, layer=2)
+        with Pruner(model, strategy, "llava_onevision_frames") as per_frame:
+            model(**inputs)
+        with Pruner(model, strategy) as per_video:
+            model(**inputs)
+    kept = per_frame.last_record.kept_raster[0]
+    assert kept[0] == per_video.last_record.kept_raster[0][0]  # the image: unchanged
+    for frame, span in enumerate((video[0:4], video[4:8])):
+        best = sorted(span, key=lambda p: (-float(attention[p]), p))[:2]
+        assert kept[1 + frame] == sorted(span.index(p) for p in best)
+    assert len(kept) == 3 and [len(k) for k in per_video.last_record.kept_raster[0]] == [2, 2]

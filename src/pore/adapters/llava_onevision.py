@@ -17,7 +17,8 @@ each image's base view, then one newline. All of them are `<image>` placeholders
 
 Videos (`<video>` placeholders): each frame's S x S features pooled to P x P (P = ceil(S / 2)), frame after
 frame, then one newline for the video. A video is one item of the layout (one budget), its tokens carry
-(frame, row, col) (`VisualLayout.frame`; `part` = frame, so pooling pools each frame on its own).
+(frame, row, col) (`VisualLayout.frame`; `part` = frame, so pooling pools each frame on its own); one
+budget per frame instead with `model.adapter=llava_onevision_frames`.
 
 The adapter gives (row, col) in the base S x S grid for base tokens and in the final H x W grid for
 high-resolution ones (a shrunk grid's tokens mix several encoder patches, so there is no tile frame); newline
@@ -56,6 +57,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """
 
     name = "llava_onevision"
+    #: whether every frame of a video is an item of its own (its own budget) instead of the whole video
+    budget_per_frame: bool = False
     encodes_views = False  # no vision requests: nothing maps the tower's positions to tokens here
     processor_class = "LlavaOnevisionProcessor"
 
@@ -185,6 +188,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         video_slot = is_video.gather(1, layout.seq_index) & layout.valid  # (B, N)
         layout.part = torch.where(video_slot, frame, layout.grid_part)
         layout.frame = frame
+        if self.budget_per_frame:  # every frame of a video its own item (images have one frame)
+            layout.image_index = _items_in_order(
+                layout.image_index * (int(frame.max()) + 1) + frame, layout.valid
+            )
         return layout
 
     def _videos(self, image_inputs: Mapping[str, Any]) -> list[tuple[ImageTokens, torch.Tensor]]:
@@ -262,4 +269,22 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return ModelAdapter.vision_token_index(self, layout, image_inputs)
 
 
-__all__ = ["LlavaOnevisionAdapter"]
+@ADAPTERS.register("llava_onevision_frames")
+class LlavaOnevisionFramesAdapter(LlavaOnevisionAdapter):
+    """LLaVA-OneVision with one budget per video frame (`model.adapter=llava_onevision_frames`): each frame
+    of a video is an item of the layout, so `keep` / `ratio` apply per frame (the video's newline goes with
+    its last frame). Images are unchanged. Never picked automatically."""
+
+    name = "llava_onevision_frames"
+    budget_per_frame = True
+    auto = False
+
+
+def _items_in_order(key: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, N) index of each token's item among its sample's items, in sequence order: a new item starts
+    wherever `key` (B, N) changes between consecutive visual tokens."""
+    previous = torch.nn.functional.pad(key, (1, 0), value=-1)[:, :-1]
+    return (torch.cumsum((key != previous) & valid, dim=1) - 1).clamp(min=0)
+
+
+__all__ = ["LlavaOnevisionAdapter", "LlavaOnevisionFramesAdapter"]
