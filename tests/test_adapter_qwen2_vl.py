@@ -187,6 +187,15 @@ def test_video_tokens_are_visual_tokens_with_frame_row_col(family: str) -> None:
         assert torch.equal(getattr(by_positions, field), getattr(layout, field)), field
 
 
+def test_video_layout_errors_name_the_video_grid(family: str) -> None:
+    adapter = adapter_for(tiny_model(family))
+    inputs = video_inputs(family)
+    with pytest.raises(ValueError, match=r"\[8\] video tokens per sample, which are not whole videos"):
+        adapter.visual_layout(inputs["input_ids"], {**inputs, "video_grid_thw": torch.tensor([[2, 4, 6]])})
+    with pytest.raises(ValueError, match="need image_grid_thw \\(video_grid_thw\\)"):
+        adapter.visual_layout(inputs["input_ids"], {"image_grid_thw": inputs["image_grid_thw"]})
+
+
 def test_video_tokens_are_pruned_with_one_budget_per_video(family: str) -> None:
     """keep=3 keeps 3 of the video's 8 tokens and 3 of the image's 4, in a forward and in generate(); the
     kept set is FastV's top-3 per item of the last prompt token's eager attention (mean over heads) in

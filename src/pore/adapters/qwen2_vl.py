@@ -126,7 +126,8 @@ class Qwen2VLAdapter(ModelAdapter):
         """Write (item, row, col, grid_h, grid_w, frame) of one kind's placeholders (mask (B, L)) into the
         (B, L) `maps`; item = 2 * (index among the sample's items of this kind) + kind (0 image, 1 video)."""
         seq_index, slot, valid, counts = visual_slots(mask)  # (B, N_kind)
-        placed = self._place_by_grid(counts, slot, valid, grid_thw)  # image, row, col, grid_h, grid_w, frame
+        # image, row, col, grid_h, grid_w, frame
+        placed = self._place_by_grid(counts, slot, valid, grid_thw, ("image", "video")[kind])
         values = (2 * placed[0] + kind, *placed[1:])
         for target, value in zip(maps, values, strict=True):
             current = target.gather(1, seq_index)
@@ -141,7 +142,12 @@ class Qwen2VLAdapter(ModelAdapter):
         return (torch.cumsum(starts, dim=1) - 1).clamp(min=0)
 
     def _place_by_grid(
-        self, counts: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, grid_thw: Any
+        self,
+        counts: torch.Tensor,
+        slot: torch.Tensor,
+        valid: torch.Tensor,
+        grid_thw: Any,
+        kind: str = "image",
     ) -> tuple[torch.Tensor, ...]:
         """(image_index, row, col, grid_h, grid_w, frame), each (B, N), from one kind's grid_thw (I, 3)."""
         grid_thw = torch.as_tensor(grid_thw, device=slot.device).long().reshape(-1, 3)  # (I, 3)
@@ -155,7 +161,7 @@ class Qwen2VLAdapter(ModelAdapter):
         # The model fills the image tokens of the whole batch, sample after sample, with the images' features
         # in image_grid_thw order: token `slot` of sample b is token offset[b] + slot of that stream.
         offset = torch.cumsum(counts, dim=0) - counts  # (B,)
-        self._check_alignment(counts, offset, starts, ends)
+        self._check_alignment(counts, offset, starts, ends, kind)
         stream = torch.where(valid, offset[:, None] + slot, torch.zeros_like(slot))  # (B, N)
         image = torch.searchsorted(ends, stream, right=True).clamp(max=len(ends) - 1)  # (B, N) global image
         first_image = torch.searchsorted(ends, offset, right=True)  # (B,) global index of each sample's first
@@ -207,9 +213,14 @@ class Qwen2VLAdapter(ModelAdapter):
         return image, row, col, reduce(row, "amax") + 1, reduce(col, "amax") + 1, frame
 
     def _check_alignment(
-        self, counts: torch.Tensor, offset: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
+        self,
+        counts: torch.Tensor,
+        offset: torch.Tensor,
+        starts: torch.Tensor,
+        ends: torch.Tensor,
+        kind: str = "image",
     ) -> None:
-        """Every sample's image tokens must be whole images of image_grid_thw, in order."""
+        """Every sample's image (video) tokens must be whole images (videos) of their grid_thw, in order."""
         total, described = int(counts.sum()), int(ends[-1]) if len(ends) else 0
         has_images = counts > 0
         aligned = (
@@ -218,10 +229,10 @@ class Qwen2VLAdapter(ModelAdapter):
         )
         if total != described or not bool(aligned):
             raise ValueError(
-                f"the prompts hold {counts.tolist()} image tokens per sample, which are not whole images of "
-                f"image_grid_thw (tokens per image: {(ends - starts).tolist()}, after the {self.merge} x "
-                f"{self.merge} merge); build prompts and images with the model's own processor, images in "
-                "prompt order, sample after sample"
+                f"the prompts hold {counts.tolist()} {kind} tokens per sample, which are not whole {kind}s "
+                f"of {kind}_grid_thw (tokens per {kind}: {(ends - starts).tolist()}, after the "
+                f"{self.merge} x {self.merge} merge); build prompts and {kind}s with the model's own "
+                f"processor, {kind}s in prompt order, sample after sample"
             )
 
 
