@@ -22,6 +22,7 @@ from torch import nn
 
 import internvl_reference
 import next_reference
+import onevision_reference
 import qwen3_reference
 import qwen_reference
 import reference
@@ -193,6 +194,54 @@ def next_family(frame: str) -> Family:
     )
 
 
+# ---------------------------------------------------------------------------------------------- OneVision
+
+# A lone 2:1 image (4 x 8 high-resolution grid), a sample of two images (base views only, one newline each),
+# and a square image whose 8 x 8 grid is shrunk to 5 x 5 (anyres_max_2).
+ONEVISION_SIZES: list[list[tuple[int, int]]] = [[(20, 40)], [(30, 30), (48, 30)], [(40, 40)]]
+
+
+@functools.cache
+def onevision_model(attn: str = "sdpa") -> nn.Module:
+    return onevision_reference.build_model(attn)
+
+
+@functools.cache
+def onevision_batch() -> Inputs:
+    return onevision_reference.prompt_inputs(ONEVISION_SIZES)
+
+
+def onevision_sample(b: int) -> Inputs:
+    before = sum(len(sizes) for sizes in ONEVISION_SIZES[:b])
+    return onevision_reference.sample_inputs(dict(onevision_batch()), b, before, len(ONEVISION_SIZES[b]))
+
+
+def onevision_grow(inputs: Inputs, token: int) -> Inputs:
+    sequence = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
+    return {**inputs, "input_ids": sequence, "attention_mask": torch.ones_like(sequence)}
+
+
+ONEVISION = Family(
+    name="llava_onevision",
+    adapter=None,
+    model=onevision_model,
+    batch=lambda: dict(onevision_batch()),
+    sample=onevision_sample,
+    images=[len(sizes) for sizes in ONEVISION_SIZES],
+    prunable=lambda b: onevision_reference.prunable_counts(ONEVISION_SIZES[b]),
+    fixed=lambda b: onevision_reference.newline_count(ONEVISION_SIZES[b]),
+    reference_kept=lambda eager, b, layer, keep, weight: onevision_reference.reference_kept(
+        eager, onevision_sample(b), ONEVISION_SIZES[b], layer, keep, weight
+    ),
+    kept_positions=lambda b, inputs, raster: onevision_reference.kept_positions(
+        inputs["input_ids"], ONEVISION_SIZES[b], raster
+    ),
+    reference_logits=onevision_reference.reference_pruned_logits,
+    grow=onevision_grow,
+    keep=5,
+    vision_cls=False,  # SigLIP: FasterVLM is refused (tests/test_adapter_llava_onevision.py)
+)
+
 # ---------------------------------------------------------------------------------------------- Qwen2-VL
 
 
@@ -207,7 +256,7 @@ def qwen_weights(weight: Weight) -> qwen_reference.Weights:
     return weights
 
 
-def qwen_family(name: str) -> Family:
+def qwen_family(name: str, adapter: str | None = None) -> Family:
     samples = qwen_reference.SAMPLES
 
     def reference_kept(eager: nn.Module, b: int, layer: int, keep: int, weight: Weight) -> list[list[int]]:
@@ -221,8 +270,8 @@ def qwen_family(name: str) -> Family:
         ]
 
     return Family(
-        name=name,
-        adapter=None,
+        name=adapter or name,
+        adapter=adapter,
         model=lambda attn="sdpa": qwen_reference.tiny_model(name, attn),
         batch=lambda: qwen_reference.make_inputs(name, samples),
         sample=lambda b: qwen_reference.sample_inputs(name, b),
@@ -323,11 +372,16 @@ FAMILIES: dict[str, Family] = {
         LLAVA,
         next_family("image"),
         next_family("tile"),
+        ONEVISION,
+        # One budget per video frame: on these image-only samples it must behave exactly as llava_onevision.
+        dataclasses.replace(ONEVISION, name="llava_onevision_frames", adapter="llava_onevision_frames"),
         qwen_family("qwen2_vl"),
         qwen_family("qwen2_5_vl"),
         qwen3_family("qwen3_vl"),
         qwen3_family("qwen3_vl_moe"),
         INTERNVL,
+        # One budget per video frame: on these image-only samples it must behave exactly as qwen2_vl.
+        qwen_family("qwen2_vl", adapter="qwen2_vl_frames"),
     )
 }
 

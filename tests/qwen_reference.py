@@ -193,3 +193,26 @@ def until_eos(tokens: torch.Tensor | list[int], eos: int = 2) -> list[int]:
     """Generated tokens up to and including the first <|im_end|> (a batch pads after it, one sample stops)."""
     tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def video_inputs(family: str, seed: int = 0) -> dict:
+    """A tiny video (4 frames of 28 x 28 px: t = 2 temporal patches of 2 x 2 tokens) then a 28 x 28 image, in
+    one prompt, as the model takes them: placeholders, M-RoPE token types and seeded noise patches (the video
+    processor needs torchvision, so the pixels are written directly in the processor's patch layout)."""
+    config = tiny_model(family).config
+    vision = config.vision_config
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    video, image = config.video_token_id, config.image_token_id
+    start, end = config.vision_start_token_id, config.vision_end_token_id
+    ids = [1, start] + [video] * 8 + [end, 40, start] + [image] * 4 + [end, 41, 42]
+    input_ids = torch.tensor([ids])
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": ((input_ids == image).long() + 2 * (input_ids == video).long()),
+        "pixel_values_videos": torch.randn(2 * 4 * 4, patch, generator=generator),
+        "video_grid_thw": torch.tensor([[2, 4, 4]]),
+        "pixel_values": torch.randn(4 * 4, patch, generator=generator),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+    }

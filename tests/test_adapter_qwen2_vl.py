@@ -25,6 +25,7 @@ from qwen_reference import (
     sample_inputs,
     tiny_model,
     until_eos,
+    video_inputs,
 )
 
 pytestmark = pytest.mark.parametrize("family", FAMILIES)
@@ -159,17 +160,85 @@ def test_an_image_of_several_frames_is_one_image_with_rows_per_frame(family: str
         assert torch.equal(getattr(by_positions, field), getattr(layout, field)), field
 
 
-def test_video_tokens_are_not_visual_tokens(family: str) -> None:
-    """Video tokens are left alone: not in the layout, never scored or pruned (they count as text)."""
+def test_video_tokens_are_visual_tokens_with_frame_row_col(family: str) -> None:
+    """A video is one item of the layout (one budget), its tokens frame after frame with (frame, row, col);
+    items are numbered in prompt order (the video before the image here); the M-RoPE positions (what
+    generate() hands the forward in transformers >= 5.23) say the same."""
     model = tiny_model(family)
-    config = model.config
-    input_ids = torch.tensor(
-        [[1, 3, config.video_token_id, config.video_token_id, 4, 3] + [config.image_token_id] * 4 + [4]]
-    )
+    inputs = video_inputs(family)
     adapter = adapter_for(model)
-    assert adapter.visual_token_mask(input_ids).sum().item() == 4
-    layout = adapter.visual_layout(input_ids, {"image_grid_thw": torch.tensor([[1, 4, 4]])})
-    assert layout.seq_index[0].tolist() == [6, 7, 8, 9]
+    assert adapter.visual_token_mask(inputs["input_ids"]).sum().item() == 12
+    layout = adapter.visual_layout(inputs["input_ids"], inputs)
+    assert layout.seq_index[0].tolist() == [*range(2, 10), *range(13, 17)]
+    assert layout.image_index[0].tolist() == [0] * 8 + [1] * 4
+    assert layout.frames[0].tolist() == [0] * 4 + [1] * 4 + [0] * 4
+    assert layout.row[0].tolist() == [0, 0, 1, 1] * 3
+    assert layout.col[0].tolist() == [0, 1] * 6
+    assert layout.grid_h[0].tolist() == layout.grid_w[0].tolist() == [2] * 12
+    assert bool(layout.prunable[0].all())
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=inputs["video_grid_thw"],
+    )
+    by_positions = adapter.visual_layout(inputs["input_ids"], {"position_ids": positions})
+    for field in ("image_index", "row", "col", "grid_h", "grid_w", "frames"):
+        assert torch.equal(getattr(by_positions, field), getattr(layout, field)), field
+
+
+def test_video_layout_errors_name_the_video_grid(family: str) -> None:
+    adapter = adapter_for(tiny_model(family))
+    inputs = video_inputs(family)
+    with pytest.raises(ValueError, match=r"\[8\] video tokens per sample, which are not whole videos"):
+        adapter.visual_layout(inputs["input_ids"], {**inputs, "video_grid_thw": torch.tensor([[2, 4, 6]])})
+    with pytest.raises(ValueError, match="need image_grid_thw \\(video_grid_thw\\)"):
+        adapter.visual_layout(inputs["input_ids"], {"image_grid_thw": inputs["image_grid_thw"]})
+
+
+def test_video_tokens_are_pruned_with_one_budget_per_video(family: str) -> None:
+    """keep=3 keeps 3 of the video's 8 tokens and 3 of the image's 4, in a forward and in generate(); the
+    kept set is FastV's top-3 per item of the last prompt token's eager attention (mean over heads) in
+    layer K - 1; keeping everything equals the untouched model."""
+    model, eager = tiny_model(family), tiny_model(family, "eager")
+    inputs = video_inputs(family)
+    with torch.no_grad():
+        untouched = model(**inputs).logits
+        attention = eager(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(dim=0)  # (L,)
+        with Pruner(model, build_strategy("fastv", keep=None, ratio=1.0, layer=2)):
+            torch.testing.assert_close(model(**inputs).logits, untouched, atol=1e-5, rtol=0)
+        with Pruner(model, build_strategy("fastv", keep=3, layer=2)) as pruner:
+            pruned = model(**inputs).logits
+            kept = pruner.last_record.kept_raster
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    spans = [list(range(2, 10)), list(range(13, 17))]
+    expected = [
+        sorted(sorted(range(len(s)), key=lambda i, s=s: (-float(attention[s[i]]), i))[:3]) for s in spans
+    ]
+    assert kept == [expected]
+    assert pruner.last_record.kept_raster == kept  # generate()'s prefill placed the video the same way
+    assert pruned.shape[1] == inputs["input_ids"].shape[1] - (8 - 3) - (4 - 3)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_budget_per_frame_keeps_the_budget_in_every_frame(family: str) -> None:
+    """model.adapter=qwen2_vl_frames: each of the video's 2 frames is an item with its own top-2 (FastV's
+    choice within the frame, from the eager reference), the image one more item; the default keeps 2 of the
+    whole video."""
+    model, eager = tiny_model(family), tiny_model(family, "eager")
+    inputs = video_inputs(family)
+    with torch.no_grad():
+        attention = eager(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(dim=0)  # (L,)
+        with Pruner(model, build_strategy("fastv", keep=2, layer=2), "qwen2_vl_frames") as per_frame:
+            model(**inputs)
+        with Pruner(model, build_strategy("fastv", keep=2, layer=2)) as per_video:
+            model(**inputs)
+    spans = [list(range(2, 6)), list(range(6, 10)), list(range(13, 17))]  # frame 0, frame 1, the image
+    expected = [sorted(sorted(span, key=lambda p: (-float(attention[p]), p))[:2]) for span in spans]
+    assert per_frame.last_record.kept_raster == [
+        [[span.index(p) for p in chosen] for span, chosen in zip(spans, expected, strict=True)]
+    ]
+    assert [len(kept) for kept in per_video.last_record.kept_raster[0]] == [2, 2]
 
 
 def test_tiny_model_saves_and_loads_with_the_auto_class(family: str, tmp_path) -> None:

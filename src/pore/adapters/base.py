@@ -41,11 +41,33 @@ class VisualLayout:
     # (B, N) long: which grid of its image a token belongs to, for images made of several grids (LLaVA-NeXT:
     # 0 = base image, 1 = high-resolution tiles); None = one grid per image.
     part: torch.Tensor | None = None
+    # (B, N) long: which frame of its video a token belongs to (0 for images), for families with video tokens
+    # (Qwen2-VL: a video is one item of the layout, `image_index`, frame after frame); None = no videos.
+    frame: torch.Tensor | None = None
 
     @property
     def grid_part(self) -> torch.Tensor:
         """(B, N) long: `part`, or zeros when every image is a single grid."""
         return self.part if self.part is not None else torch.zeros_like(self.seq_index)
+
+    @property
+    def frames(self) -> torch.Tensor:
+        """(B, N) long: `frame`, or zeros when the batch has no videos."""
+        return self.frame if self.frame is not None else torch.zeros_like(self.seq_index)
+
+    @property
+    def frame_counts(self) -> torch.Tensor:
+        """(B, N) long: frames of the item (image or video) each token belongs to (1 for images)."""
+        frames = self.frames
+        if self.frame is None or frames.numel() == 0:
+            return torch.ones_like(self.seq_index)
+        items = int(self.image_index.max()) + 1
+        key = (
+            torch.arange(frames.shape[0], device=frames.device)[:, None] * items + self.image_index
+        )  # (B, N)
+        last = torch.zeros(frames.shape[0] * items, dtype=torch.long, device=frames.device)
+        last = last.scatter_reduce(0, key.flatten(), frames.flatten(), "amax", include_self=True)
+        return last[key] + 1
 
     @property
     def raster(self) -> torch.Tensor:

@@ -88,6 +88,7 @@ class LlavaNextAdapter(ModelAdapter):
     name = "llava_next"
     default_frame: PositionFrame = "image"
     encodes_views = True  # the base image and its tiles
+    processor_class = "LlavaNextProcessor"  # named in errors: the processor that writes the placeholders
 
     classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     model_types = ("llava_next",)
@@ -291,7 +292,7 @@ class LlavaNextAdapter(ModelAdapter):
                 raise ValueError(
                     f"the prompts hold {counts} image tokens per sample, but the images give "
                     f"{[len(image) for image in images]} tokens each; build the prompts with the model's own "
-                    "processor (LlavaNextProcessor) from the same images"
+                    f"processor ({self.processor_class}) from the same images"
                 )
         return self._batch_layout(is_image, counts, per_sample)
 

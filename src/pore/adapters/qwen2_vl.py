@@ -15,7 +15,12 @@ t = 1. Should an image have t > 1 frames, its tokens are frame after frame: row 
 each frame (so a row prior treats every frame alike) and all frames share one `image_index` (one budget per
 image). Images of different sizes give different grids, in one prompt and across a batch.
 
-Video tokens (`<|video_pad|>`) are not in the layout: they are never scored, never pruned and count as text.
+Video tokens (`<|video_pad|>`, placed by `video_grid_thw` the same way, frame after frame: the vision tower
+merges `temporal_patch_size` (2) frames into one temporal patch, so a "frame" here is one temporal patch) are
+visual tokens like image tokens: scored and prunable, with `frame` (the layout's `frame` and `part`, so that
+pooling pools each frame on its own), and row / col inside the frame. A video is one item of the layout
+(`image_index`: the sample's images and videos numbered in prompt order), so the budget (`keep`, `ratio`) is
+per video, or per frame with `model.adapter=qwen2_vl_frames` (each frame its own item).
 
 M-RoPE: the language model turns the (3, B, L) position ids into one (cos, sin) pair of shape (B, L, head_dim)
 (time / height / width sections already interleaved) and hands every decoder layer that pair plus the 1-D
@@ -53,37 +58,57 @@ class Qwen2VLAdapter(ModelAdapter):
     classes = QWEN_VL_CLASSES
     model_types = ("qwen2_vl", "qwen2_5_vl")
 
+    #: whether every frame of a video is an item of its own (its own budget) instead of the whole video
+    budget_per_frame: bool = False
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         config = model.config
         self.image_token_id: int = config.image_token_id
+        self.video_token_id: int = config.video_token_id
         self.merge: int = config.vision_config.spatial_merge_size
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: image and video placeholders (`<|image_pad|>`, `<|video_pad|>`)."""
+        return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
 
     def visual_layout(
         self, input_ids: torch.Tensor, image_inputs: Mapping[str, Any] | None = None
     ) -> VisualLayout:
-        is_image = self.visual_token_mask(input_ids)  # (B, L)
-        seq_index, slot, valid, counts = visual_slots(is_image)  # (B, N) each
+        is_visual = self.visual_token_mask(input_ids)  # (B, L)
+        seq_index, _, valid, _ = visual_slots(is_visual)  # (B, N) each
         if seq_index.shape[1] == 0:
             empty = torch.zeros_like(seq_index)
             return VisualLayout(seq_index, empty, empty, empty, empty, empty, valid, valid)
 
         inputs = image_inputs or {}
-        grid_thw, position_ids = inputs.get("image_grid_thw"), inputs.get("position_ids")
-        if grid_thw is not None:
-            image, row, col, grid_h, grid_w = self._place_by_grid(counts, slot, valid, grid_thw)
+        position_ids = inputs.get("position_ids")
+        is_video = input_ids == self.video_token_id
+        grids = {"image_grid_thw": is_visual & ~is_video, "video_grid_thw": is_video}
+        if all(inputs.get(key) is not None or not bool(mask.any()) for key, mask in grids.items()):
+            # (B, L) maps of each placeholder's item (image or video of its kind), row, col, ... per kind.
+            maps = [torch.zeros_like(input_ids, dtype=torch.long) for _ in range(6)]
+            for kind, (key, mask) in enumerate(grids.items()):
+                if bool(mask.any()):
+                    self._scatter_kind(maps, mask, inputs[key], kind)
+            item, row, col, grid_h, grid_w, frame = (m.gather(1, seq_index) for m in maps)
+            image = self._items_in_sequence_order(item, valid)
         elif position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
             # transformers >= 5.23's generate() encodes the images before the prefill and no longer hands
             # image_grid_thw to the forward; the 3-D M-RoPE positions it hands instead hold the same grid.
-            image, row, col, grid_h, grid_w = self._place_by_positions(
-                is_image, seq_index, valid, position_ids
+            image, row, col, grid_h, grid_w, frame = self._place_by_positions(
+                is_visual, seq_index, valid, position_ids
             )
         else:
             raise ValueError(
-                "Qwen2-VL prompts with image tokens need image_grid_thw (one (t, h, w) row per image) or the "
-                "model's 3-D position ids to place them; pass the processor's output to the model unchanged"
+                "Qwen2-VL prompts with image (video) tokens need image_grid_thw (video_grid_thw), one (t, h, "
+                "w) row per image (video), or the model's 3-D position ids to place them; pass the "
+                "processor's output to the model unchanged"
             )
         zeros = torch.zeros_like(seq_index)
+        frame = torch.where(valid, frame, zeros)
+        if self.budget_per_frame:  # every frame of a video its own item (images have one frame)
+            image = self._items_in_sequence_order(image * (int(frame.max()) + 1) + frame, valid)
         return VisualLayout(
             seq_index=seq_index,
             image_index=torch.where(valid, image, zeros),
@@ -93,12 +118,38 @@ class Qwen2VLAdapter(ModelAdapter):
             grid_w=torch.where(valid, grid_w, zeros),
             valid=valid,
             prunable=valid.clone(),
+            part=frame,  # each frame is a grid of its own (pooling pools frame by frame)
+            frame=frame,
         )
 
+    def _scatter_kind(self, maps: list[torch.Tensor], mask: torch.Tensor, grid_thw: Any, kind: int) -> None:
+        """Write (item, row, col, grid_h, grid_w, frame) of one kind's placeholders (mask (B, L)) into the
+        (B, L) `maps`; item = 2 * (index among the sample's items of this kind) + kind (0 image, 1 video)."""
+        seq_index, slot, valid, counts = visual_slots(mask)  # (B, N_kind)
+        # image, row, col, grid_h, grid_w, frame
+        placed = self._place_by_grid(counts, slot, valid, grid_thw, ("image", "video")[kind])
+        values = (2 * placed[0] + kind, *placed[1:])
+        for target, value in zip(maps, values, strict=True):
+            current = target.gather(1, seq_index)
+            target.scatter_(1, seq_index, torch.where(valid, value, current))
+
+    @staticmethod
+    def _items_in_sequence_order(item: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, N) index of each token's item (image or video) among its sample's items, in sequence order: a
+        new item starts wherever the (kind, index) key changes between consecutive visual tokens."""
+        previous = torch.nn.functional.pad(item, (1, 0), value=-1)[:, :-1]  # (B, N)
+        starts = (item != previous) & valid
+        return (torch.cumsum(starts, dim=1) - 1).clamp(min=0)
+
     def _place_by_grid(
-        self, counts: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, grid_thw: Any
+        self,
+        counts: torch.Tensor,
+        slot: torch.Tensor,
+        valid: torch.Tensor,
+        grid_thw: Any,
+        kind: str = "image",
     ) -> tuple[torch.Tensor, ...]:
-        """(image_index, row, col, grid_h, grid_w), each (B, N), from image_grid_thw (I, 3)."""
+        """(image_index, row, col, grid_h, grid_w, frame), each (B, N), from one kind's grid_thw (I, 3)."""
         grid_thw = torch.as_tensor(grid_thw, device=slot.device).long().reshape(-1, 3)  # (I, 3)
         frames = grid_thw[:, 0]  # (I,)
         rows_per_image = grid_thw[:, 1] // self.merge  # (I,) grid height in language-model tokens
@@ -110,20 +161,23 @@ class Qwen2VLAdapter(ModelAdapter):
         # The model fills the image tokens of the whole batch, sample after sample, with the images' features
         # in image_grid_thw order: token `slot` of sample b is token offset[b] + slot of that stream.
         offset = torch.cumsum(counts, dim=0) - counts  # (B,)
-        self._check_alignment(counts, offset, starts, ends)
+        self._check_alignment(counts, offset, starts, ends, kind)
         stream = torch.where(valid, offset[:, None] + slot, torch.zeros_like(slot))  # (B, N)
         image = torch.searchsorted(ends, stream, right=True).clamp(max=len(ends) - 1)  # (B, N) global image
         first_image = torch.searchsorted(ends, offset, right=True)  # (B,) global index of each sample's first
         within = stream - starts[image]  # (B, N) index inside the image's tokens, frame after frame
         in_frame = within % per_frame[image]
         width = cols_per_image[image]
-        return image - first_image[:, None], in_frame // width, in_frame % width, rows_per_image[image], width
+        frame = within // per_frame[image]
+        row, col = in_frame // width, in_frame % width
+        return image - first_image[:, None], row, col, rows_per_image[image], width, frame
 
     @staticmethod
     def _place_by_positions(
         is_image: torch.Tensor, seq_index: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        """(image_index, row, col, grid_h, grid_w), each (B, N), from M-RoPE position ids (3 or 4, B, L).
+        """(image_index, row, col, grid_h, grid_w, frame), each (B, N), from M-RoPE position ids (3 or 4, B,
+        L).
 
         An image is a run of image tokens (as for `get_rope_index`, which places each run of one modality as
         one image); inside it the height / width positions are start + row / start + col (the last two rows
@@ -148,12 +202,25 @@ class Qwen2VLAdapter(ModelAdapter):
 
         top, left = reduce(height, "amin"), reduce(width, "amin")
         row, col = height - top, width - left
-        return image, row, col, reduce(row, "amax") + 1, reduce(col, "amax") + 1
+        # Frames of a video: its distinct temporal positions in order (steps of 1 in Qwen2-VL, of
+        # tokens_per_second * seconds per frame in Qwen2.5-VL); an image has one.
+        time = position_ids[-3].to(seq_index.device).long().gather(1, seq_index)  # (B, N)
+        frame = torch.zeros_like(time)
+        several = valid & (reduce(time, "amax") > reduce(time, "amin"))  # (B, N) tokens of multi-frame items
+        for bucket in key.view(batch, n)[several].unique().tolist():
+            members = key.view(batch, n) == bucket
+            frame[members] = torch.unique(time[members], return_inverse=True)[1]
+        return image, row, col, reduce(row, "amax") + 1, reduce(col, "amax") + 1, frame
 
     def _check_alignment(
-        self, counts: torch.Tensor, offset: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
+        self,
+        counts: torch.Tensor,
+        offset: torch.Tensor,
+        starts: torch.Tensor,
+        ends: torch.Tensor,
+        kind: str = "image",
     ) -> None:
-        """Every sample's image tokens must be whole images of image_grid_thw, in order."""
+        """Every sample's image (video) tokens must be whole images (videos) of their grid_thw, in order."""
         total, described = int(counts.sum()), int(ends[-1]) if len(ends) else 0
         has_images = counts > 0
         aligned = (
@@ -162,8 +229,19 @@ class Qwen2VLAdapter(ModelAdapter):
         )
         if total != described or not bool(aligned):
             raise ValueError(
-                f"the prompts hold {counts.tolist()} image tokens per sample, which are not whole images of "
-                f"image_grid_thw (tokens per image: {(ends - starts).tolist()}, after the {self.merge} x "
-                f"{self.merge} merge); build prompts and images with the model's own processor, images in "
-                "prompt order, sample after sample"
+                f"the prompts hold {counts.tolist()} {kind} tokens per sample, which are not whole {kind}s "
+                f"of {kind}_grid_thw (tokens per {kind}: {(ends - starts).tolist()}, after the "
+                f"{self.merge} x {self.merge} merge); build prompts and {kind}s with the model's own "
+                f"processor, {kind}s in prompt order, sample after sample"
             )
+
+
+@ADAPTERS.register("qwen2_vl_frames")
+class Qwen2VLFramesAdapter(Qwen2VLAdapter):
+    """Qwen2-VL / Qwen2.5-VL with one budget per video frame (`model.adapter=qwen2_vl_frames`): each frame of
+    a video is an item of the layout (`image_index`), so `keep` / `ratio` apply per frame and
+    `kept_visual_indices` list each frame on its own. Images are unchanged. Never picked automatically."""
+
+    name = "qwen2_vl_frames"
+    budget_per_frame = True
+    auto = False

@@ -57,6 +57,9 @@ class Sample:
     image: Image.Image | None
     # What the metric needs besides answers (category, image id, options, circular group), JSON-serialisable.
     meta: dict[str, Any] = field(default_factory=dict)
+    # The frames of a video question, in order (`decode_video`); the collator hands them to the processor as
+    # `videos=` (a sample may have an image, a video, or both).
+    video: list[Image.Image] | None = None
 
 
 def decode_image(value: Any) -> Image.Image:
@@ -83,6 +86,27 @@ def decode_image(value: Any) -> Image.Image:
         message = re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error))
         raise SampleError(f"unreadable image: {type(error).__name__}: {message}") from error
     raise SampleError(f"unsupported image value of type {type(value).__name__}")
+
+
+def decode_video(value: Any) -> list[Image.Image]:
+    """The frames of a video cell as RGB PIL images: a list of image cells (what `decode_image` reads: bytes,
+    `{"bytes"|"path": ...}`, PIL images) or an array (T, H, W, 3) of uint8 (numpy, or anything `np.asarray`
+    takes, e.g. a tensor)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise SampleError("the video cell has no frames")
+        return [decode_image(frame) for frame in value]
+    import numpy as np
+
+    array = np.asarray(value)
+    if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] == 0:
+        raise SampleError(
+            f"a video array must be (frames, height, width, 3), got shape {tuple(array.shape)}; or give a "
+            "list of image cells"
+        )
+    if array.dtype != np.uint8:
+        raise SampleError(f"a video array must hold uint8 pixels, got {array.dtype}")
+    return [Image.fromarray(frame).convert("RGB") for frame in array]
 
 
 def content_id(*parts: Any) -> str:

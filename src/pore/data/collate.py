@@ -29,12 +29,16 @@ class PromptBatch:
         return len(self.samples) + len(self.failed)
 
 
-def chat_prompt(processor: Any, text: str, conversation_template: str | None = None) -> str:
+def chat_prompt(
+    processor: Any, text: str, conversation_template: str | None = None, media: tuple[str, ...] = ("image",)
+) -> str:
     """The prompt for one user turn: the protocol's conversation template when it sets one for this model
-    family (pore.data.protocol.CONVERSATIONS), else the processor's own chat template."""
-    if conversation_template is not None:
+    family (pore.data.protocol.CONVERSATIONS; images only), else the processor's own chat template with one
+    content part per entry of `media` ("image", "video")."""
+    if conversation_template is not None and media == ("image",):
         return CONVERSATIONS[conversation_template](text)
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    content = [{"type": kind} for kind in media] + [{"type": "text", "text": text}]
+    conversation = [{"role": "user", "content": content}]
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     return FALLBACK_TEMPLATE.format(text=text)
@@ -66,21 +70,40 @@ class PromptCollator:
         samples = [item for item in items if isinstance(item, Sample)]
         usable = []
         for sample in samples:
-            if sample.image is None:
+            if sample.image is None and sample.video is None:
                 failed.append(FailedSample(sample.question_id, "the row has no image"))
             else:
                 usable.append(sample)
-        prompts = [chat_prompt(self.processor, sample.text, self.conversation) for sample in usable]
+        prompts = [
+            chat_prompt(self.processor, sample.text, self.conversation, media(sample)) for sample in usable
+        ]
         inputs = None
         if usable:
             inputs = dict(
-                self.processor(
-                    images=[self.image(sample) for sample in usable],
-                    text=prompts,
-                    padding=True,
-                    return_tensors="pt",
-                )
+                self.processor(**self._media(usable), text=prompts, padding=True, return_tensors="pt")
             )
-        image_sizes = [[(sample.image.height, sample.image.width)] for sample in usable]
+        image_sizes = [
+            [(sample.image.height, sample.image.width)] if sample.image is not None else []
+            for sample in usable
+        ]
         light = [Sample(s.question_id, s.text, s.answers, None, s.meta) for s in usable]
         return PromptBatch(inputs, light, prompts, image_sizes, failed)
+
+    def _media(self, usable: list[Sample]) -> dict[str, Any]:
+        """The processor's `images=` / `videos=` for the samples that have them (a list of frames each)."""
+        images = [self.image(sample) for sample in usable if sample.image is not None]
+        videos = [sample.video for sample in usable if sample.video is not None]
+        if videos and getattr(self.processor, "video_processor", None) is None:
+            raise ValueError(
+                f"the data has a video column, but the model's processor ({type(self.processor).__name__}) "
+                "reads no videos: it needs its video processor (transformers builds it with torchvision: "
+                "pip install torchvision), or choose an image benchmark"
+            )
+        return (
+            {"images": images} if not videos else {"videos": videos} | ({"images": images} if images else {})
+        )
+
+
+def media(sample: Sample) -> tuple[str, ...]:
+    """The sample's media parts in prompt order: its image, then its video."""
+    return ("image",) * (sample.image is not None) + ("video",) * (sample.video is not None)

@@ -54,7 +54,9 @@ def weighted_scores(
     position (when the stage `reweight`s) and its padding weight (`not_padding`, when suppressed)."""
     if not reweight:
         return scores
-    weights = prior.weights(layout.row, layout.col, layout.grid_h, layout.grid_w)  # (B, N)
+    weights = prior.weights(  # (B, N)
+        layout.row, layout.col, layout.grid_h, layout.grid_w, layout.frames, layout.frame_counts
+    )
     if not_padding is not None:
         weights = weights * not_padding
     return scores * weights.to(scores.device)

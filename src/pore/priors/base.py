@@ -10,7 +10,8 @@ file (conf/prior/<name>.yaml) states their defaults for the presets. A prior fun
 needs among `PRIOR_INPUTS`: most take `p` alone; the `calibrated` prior (a profile measured by
 `src/calibrate.py`) takes the token's `row`, `col`, `grid_h`, `grid_w`, the `position` mode and the
 strategy's pruning `layer`; the `table` prior (weights read from a file) takes `row`, `col`, `grid_h` and
-`grid_w`.
+`grid_w`; the `temporal` prior takes `frame` and `frames` (a token's frame in its video, the video's frame
+count; 0 and 1 for images).
 """
 
 from __future__ import annotations
@@ -34,7 +35,18 @@ PRIORS: Registry[PriorFunction] = Registry("prior")
 
 # What a prior function may ask for by naming it as a parameter; every other parameter is a hyperparameter
 # (a `strategy.prior.<name>` setting). `layer` is the strategy's (first) pruning layer K, or None.
-PRIOR_INPUTS: tuple[str, ...] = ("p", "row", "col", "grid_h", "grid_w", "position", "layer")
+# `frame` / `frames`: the token's frame in its video and the video's frame count (0 and 1 for images).
+PRIOR_INPUTS: tuple[str, ...] = (
+    "p",
+    "row",
+    "col",
+    "grid_h",
+    "grid_w",
+    "position",
+    "layer",
+    "frame",
+    "frames",
+)
 # A setting `<key>_by_data` holds `<key>` per data set (`PriorConfig.for_data`).
 BY_DATA = "_by_data"
 
@@ -176,8 +188,11 @@ class PriorConfig:
         col: torch.Tensor,
         grid_h: torch.Tensor,
         grid_w: torch.Tensor,
+        frame: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One weight per token (float64, same shape as `row`)."""
+        """One weight per token (float64, same shape as `row`); `frame` / `frames` (same shape): the token's
+        frame in its video and the video's frame count (None: images, frame 0 of 1)."""
         function = PRIORS.get(self.name)
         wanted = inspect.signature(function).parameters
         inputs: dict[str, Any] = {}
@@ -190,6 +205,8 @@ class PriorConfig:
             "grid_w": grid_w.long(),
             "position": self.position,
             "layer": self.strategy_layer,
+            "frame": torch.zeros_like(row, dtype=torch.long) if frame is None else frame.long(),
+            "frames": torch.ones_like(row, dtype=torch.long) if frames is None else frames.long(),
         }
         inputs.update({key: value for key, value in available.items() if key in wanted})
         return function(**inputs, **self.hyperparameters())
