@@ -185,7 +185,11 @@ METHOD_CASES: dict[str, tuple[str, int | list[int], dict, bool, str]] = {
     "pool_average": ("pool", 2, {"mode": "average"}, True, "none"),
     "fastervlm": ("fastervlm", 2, {}, True, "linear"),
     "random": ("random", 2, {}, True, "exponential_index"),
+    # [CLS]-attention methods take no position weights (prior_use = "suppression"): the preset's own prior
+    "visionzip": ("visionzip", 0, {"contextual": 1}, True, "none"),
 }
+# Presets that read the vision tower (LLaVA-NeXT's pruner needs the image sizes; no [CLS]: skipped).
+VISION_PRESETS = ("fastervlm", "visionzip")
 # Keeping everything: every method with SDPA, those that read attention (and random) with eager attention too
 # (with every token kept, a prior changes nothing: pore_linear / pore_exponential run as FastV does).
 KEEP_ALL = [(method, "sdpa") for method in METHOD_CASES]
@@ -197,6 +201,7 @@ METHOD_PRIORS += [
     (method, "linear")
     for method in ("sparsevlm_merge", "sparsevlm_cluster", "pool", "pool_average", "fastervlm", "random")
 ]
+METHOD_PRIORS += [(method, "none") for method in ("visionzip",)]
 
 
 def staged(value: float | int, layer: int | list[int]) -> float | int | list:
@@ -212,7 +217,7 @@ def method_strategy(family: Family, method: str, prior: str, everything: bool) -
     preset, layer, options, _, _ = METHOD_CASES[method]
     if method in family.skip:
         pytest.skip(family.skip[method])
-    if preset == "fastervlm" and not family.vision_cls:
+    if preset in VISION_PRESETS and not family.vision_cls:
         pytest.skip("no vision [CLS] token (tests/test_adapter_qwen2_vl.py checks the refusal)")
     settings = {"layer": layer, "options": options}
     if PRIORS[prior] is not None:
@@ -221,7 +226,7 @@ def method_strategy(family: Family, method: str, prior: str, everything: bool) -
         settings.update(keep=None, ratio=staged(1.0, layer))
     else:
         settings.update(keep=staged(3, layer), ratio=staged(0.5, layer))
-    return build_strategy(preset, **settings), preset == "fastervlm"
+    return build_strategy(preset, **settings), preset in VISION_PRESETS
 
 
 @pytest.mark.parametrize(("method", "attn"), KEEP_ALL)
