@@ -187,9 +187,10 @@ METHOD_CASES: dict[str, tuple[str, int | list[int], dict, bool, str]] = {
     "random": ("random", 2, {}, True, "exponential_index"),
     # [CLS]-attention methods take no position weights (prior_use = "suppression"): the preset's own prior
     "visionzip": ("visionzip", 0, {"contextual": 1}, True, "none"),
+    "vispruner": ("vispruner", 0, {}, True, "none"),
 }
 # Presets that read the vision tower (LLaVA-NeXT's pruner needs the image sizes; no [CLS]: skipped).
-VISION_PRESETS = ("fastervlm", "visionzip")
+VISION_PRESETS = ("fastervlm", "visionzip", "vispruner")
 # Keeping everything: every method with SDPA, those that read attention (and random) with eager attention too
 # (with every token kept, a prior changes nothing: pore_linear / pore_exponential run as FastV does).
 KEEP_ALL = [(method, "sdpa") for method in METHOD_CASES]
@@ -201,7 +202,7 @@ METHOD_PRIORS += [
     (method, "linear")
     for method in ("sparsevlm_merge", "sparsevlm_cluster", "pool", "pool_average", "fastervlm", "random")
 ]
-METHOD_PRIORS += [(method, "none") for method in ("visionzip",)]
+METHOD_PRIORS += [(method, "none") for method in ("visionzip", "vispruner")]
 
 
 def staged(value: float | int, layer: int | list[int]) -> float | int | list:
