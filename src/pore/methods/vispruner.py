@@ -10,8 +10,8 @@ The official code (Theia-4869/VisPruner, `llava/model/llava_arch.py` `encode_ima
 - diverse tokens: the rest, in descending attention order, lose their duplicates until T - int(T r) remain:
   at each step the remaining tokens are split alternately into A (even places) and B (odd places), each A
   token's duplicate score is its largest cosine similarity (of the layer's output features,
-  `VisionHiddenStates()`) to a B token, the r' = min(8, R - T_div) A tokens with the largest scores are removed, and the list becomes
-  the other A tokens (by descending score) followed by B.
+  `VisionHiddenStates()`) to a B token, the r' = min(8, R - T_div) A tokens with the largest scores are
+  removed, and the list becomes the other A tokens (by descending score) followed by B.
 
 It prunes before the language model (K = 0) and removes the tokens (`positions=official` = `compact`).
 LLaVA-NeXT: each view keeps its equal share of the image's budget (the official code runs every view through
