@@ -188,12 +188,15 @@ METHOD_CASES: dict[str, tuple[str, int | list[int], dict, bool, str]] = {
     # [CLS]-attention methods take no position weights (prior_use = "suppression"): the preset's own prior
     "visionzip": ("visionzip", 0, {"contextual": 1}, True, "none"),
     "vispruner": ("vispruner", 0, {}, True, "none"),
+    "prumerge": ("prumerge_plus", 0, {}, False, "none"),  # the adaptive (data-dependent) count
+    "prumerge_fixed": ("prumerge_plus", 0, {"adaptive": False, "merge": False}, True, "none"),
 }
 # Presets that read the vision tower (LLaVA-NeXT's pruner needs the image sizes; no [CLS]: skipped).
-VISION_PRESETS = ("fastervlm", "visionzip", "vispruner")
+VISION_PRESETS = ("fastervlm", "visionzip", "vispruner", "prumerge_plus")
 # Keeping everything: every method with SDPA, those that read attention (and random) with eager attention too
 # (with every token kept, a prior changes nothing: pore_linear / pore_exponential run as FastV does).
-KEEP_ALL = [(method, "sdpa") for method in METHOD_CASES]
+# (PruMerge's adaptive count never keeps everything: its fixed-budget case without the merge does.)
+KEEP_ALL = [(method, "sdpa") for method in METHOD_CASES if method != "prumerge"]
 KEEP_ALL += [(method, "eager") for method in ("fastv", "pdrop", "sparsevlm", "random")]
 # Pruning: the other attention-scored methods meet every prior (FastV does in the tests above); the others
 # (their own scores, or a prior that cannot change the choice) one.
@@ -202,7 +205,7 @@ METHOD_PRIORS += [
     (method, "linear")
     for method in ("sparsevlm_merge", "sparsevlm_cluster", "pool", "pool_average", "fastervlm", "random")
 ]
-METHOD_PRIORS += [(method, "none") for method in ("visionzip", "vispruner")]
+METHOD_PRIORS += [(method, "none") for method in ("visionzip", "vispruner", "prumerge", "prumerge_fixed")]
 
 
 def staged(value: float | int, layer: int | list[int]) -> float | int | list:
