@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import build_tiny_llava, make_prompt, pixels
 from next_reference import SIDE, build_model, prompt_inputs
 from pore import Pruner, build_strategy
 from pore.adapters.llava_next import NEWLINE, LlavaNextAdapter
@@ -78,3 +79,30 @@ def test_llava_next_runs_the_rule_in_each_view(preset: str) -> None:
                 chosen = ranked(scores)[:quota]
             expected += [group[i] for i in chosen]
         assert len(views) > 2 and pruner.last_record.kept_raster[b] == [sorted(expected)]
+
+
+ATTENTION_ONLY = {  # options that leave only the [CLS]-attention ranking, where suppression acts
+    "visionzip": {"contextual": 0},
+    "vispruner": {"important_ratio": 1.0},
+    "prumerge_plus": {"adaptive": False, "merge": False},
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_padding_suppression_keeps_the_ranking_off_the_padding(preset: str) -> None:
+    """PoRe's suppression half: a 200 x 300 image padded to a square has one padding row above and one below
+    in the 6 x 6 grid (tests/test_pore_presets.py: the declared size says which tokens are padding); with
+    suppression the attention-ranked tokens avoid them, without it the attention ranks some of them in."""
+    model = build_tiny_llava()
+    content = {r * 6 + c for r in range(1, 5) for c in range(6)}
+    kept = {}
+    for suppress in (False, True):
+        strategy = build_strategy(
+            preset, keep=12, options=ATTENTION_ONLY[preset], prior={"suppress_padding": suppress}
+        )
+        with torch.no_grad(), Pruner(model, strategy) as pruner:
+            pruner.set_image_sizes([[(200, 300)]])
+            model(input_ids=torch.tensor([make_prompt([1, 5], 1, [7, 8])]), pixel_values=pixels(1, seed=3))
+        kept[suppress] = set(pruner.last_record.kept_raster[0][0])
+    assert len(kept[True]) == 12 and kept[True] <= content
+    assert kept[False] - content  # the case is not trivial: unsuppressed, padding tokens are ranked in

@@ -60,7 +60,9 @@ def buckets(inputs: ScoringInputs, kept: torch.Tensor) -> list[Bucket]:
     ]
 
 
-def scatter_kept(inputs: ScoringInputs, kept: torch.Tensor, choices: list[tuple[Bucket, torch.Tensor]]):
+def scatter_kept(
+    inputs: ScoringInputs, kept: torch.Tensor, choices: list[tuple[Bucket, torch.Tensor]]
+) -> torch.Tensor:
     """(B, N) bool: tokens this stage may not drop stay, plus each bucket's chosen tokens ((G, n) bool)."""
     chosen = kept & ~inputs.candidates()
     for bucket, chosen_local in choices:
