@@ -98,6 +98,22 @@ def official_merge(embeddings: torch.Tensor, cls_row: torch.Tensor, keys: torch.
     return merged, sum(cls_row[j] * embeddings[j] for j in dropped)
 
 
+def merge_transform(input_ids: torch.Tensor, cls_row: torch.Tensor, keys: torch.Tensor, chosen: list[int]):
+    """Hidden states (1, L, D) -> the kept tokens merged, the extra token in the first dropped slot."""
+    slots = (input_ids[0] == IMAGE_TOKEN).nonzero().flatten()
+    extra_slot = min(set(range(len(slots))) - set(chosen))
+
+    def transform(hidden: torch.Tensor) -> torch.Tensor:
+        merged, extra = official_merge(hidden[0, slots], cls_row, keys, chosen)
+        hidden = hidden.clone()
+        for i, state in merged.items():
+            hidden[0, slots[i]] = state
+        hidden[0, slots[extra_slot]] = extra
+        return hidden
+
+    return transform
+
+
 @pytest.mark.parametrize("variant", ["plus", "prumerge"])
 def test_kept_tokens_and_logits_equal_the_official_rule(variant: str) -> None:
     """The joint-head [CLS] attention and keys of the last encoder layer as the official hooks compute them;
@@ -111,19 +127,9 @@ def test_kept_tokens_and_logits_equal_the_official_rule(variant: str) -> None:
     cls_row, keys = official_vision(model, pixel_values)
     chosen = official_choice(cls_row, plus=variant == "plus")
     extra_slot = min(set(range(36)) - set(chosen))
-    assert pruner.last_record.kept_raster == [[sorted([*chosen, extra_slot])]]
-    slots = (input_ids[0] == IMAGE_TOKEN).nonzero().flatten()
-
-    def transform(hidden: torch.Tensor) -> torch.Tensor:
-        merged, extra = official_merge(hidden[0, slots], cls_row, keys, chosen)
-        hidden = hidden.clone()
-        for i, state in merged.items():
-            hidden[0, slots[i]] = state
-        hidden[0, slots[extra_slot]] = extra
-        return hidden
-
     kept = sorted([*chosen, extra_slot])
-    stages = [(0, kept_positions(input_ids, kept), transform)]
+    assert pruner.last_record.kept_raster == [[kept]]
+    stages = [(0, kept_positions(input_ids, kept), merge_transform(input_ids, cls_row, keys, chosen))]
     reference = staged_reference_logits(model, input_ids, pixel_values, stages, compact=True)
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
 
@@ -141,19 +147,21 @@ def test_fixed_budget_keeps_the_strategy_budget_with_the_extra_token() -> None:
 
 
 def test_cached_generation_equals_recomputing() -> None:
-    """With the merge off (the choice alone), cached generation equals recomputing the pruned prompt."""
+    """Greedy generation with the KV cache equals a loop that recomputes the merged, pruned sequence."""
     model = llava_model()
     input_ids, pixel_values = single(make_prompt([1, 11], 1, [12, 13, 14])), pixels(1, seed=6)
     length, new_tokens = input_ids.shape[1], 5
-    with torch.no_grad(), Pruner(model, build_strategy("prumerge_plus", options={"merge": False})) as p:
+    with torch.no_grad(), Pruner(model, build_strategy("prumerge_plus")) as pruner:
         cached = model.generate(
             input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=new_tokens, do_sample=False
         )[0, length:].tolist()
-    kept = sorted(official_choice(official_vision(model, pixel_values)[0], plus=True))
-    assert p.last_record.kept_raster == [[kept]]
+    cls_row, keys = official_vision(model, pixel_values)
+    chosen = official_choice(cls_row, plus=True)
+    kept = sorted([*chosen, min(set(range(36)) - set(chosen))])
+    assert pruner.last_record.kept_raster == [[kept]]
     sequence, recomputed = input_ids, []
     for _ in range(new_tokens):
-        stages = [(0, kept_positions(sequence, kept), None)]
+        stages = [(0, kept_positions(sequence, kept), merge_transform(sequence, cls_row, keys, chosen))]
         logits = staged_reference_logits(model, sequence, pixel_values, stages, compact=True)
         recomputed.append(int(logits[0, -1].argmax()))
         sequence = torch.cat([sequence, torch.tensor([[recomputed[-1]]])], dim=1)
