@@ -185,10 +185,18 @@ METHOD_CASES: dict[str, tuple[str, int | list[int], dict, bool, str]] = {
     "pool_average": ("pool", 2, {"mode": "average"}, True, "none"),
     "fastervlm": ("fastervlm", 2, {}, True, "linear"),
     "random": ("random", 2, {}, True, "exponential_index"),
+    # [CLS]-attention methods take no position weights (prior_use = "suppression"): the preset's own prior
+    "visionzip": ("visionzip", 0, {"contextual": 1}, True, "none"),
+    "vispruner": ("vispruner", 0, {}, True, "none"),
+    "prumerge": ("prumerge_plus", 0, {}, False, "none"),  # the adaptive (data-dependent) count
+    "prumerge_fixed": ("prumerge_plus", 0, {"adaptive": False, "merge": False}, True, "none"),
 }
+# Presets that read the vision tower (LLaVA-NeXT's pruner needs the image sizes; no [CLS]: skipped).
+VISION_PRESETS = ("fastervlm", "visionzip", "vispruner", "prumerge_plus")
 # Keeping everything: every method with SDPA, those that read attention (and random) with eager attention too
 # (with every token kept, a prior changes nothing: pore_linear / pore_exponential run as FastV does).
-KEEP_ALL = [(method, "sdpa") for method in METHOD_CASES]
+# (PruMerge's adaptive count never keeps everything: its fixed-budget case without the merge does.)
+KEEP_ALL = [(method, "sdpa") for method in METHOD_CASES if method != "prumerge"]
 KEEP_ALL += [(method, "eager") for method in ("fastv", "pdrop", "sparsevlm", "random")]
 # Pruning: the other attention-scored methods meet every prior (FastV does in the tests above); the others
 # (their own scores, or a prior that cannot change the choice) one.
@@ -197,6 +205,7 @@ METHOD_PRIORS += [
     (method, "linear")
     for method in ("sparsevlm_merge", "sparsevlm_cluster", "pool", "pool_average", "fastervlm", "random")
 ]
+METHOD_PRIORS += [(method, "none") for method in ("visionzip", "vispruner", "prumerge", "prumerge_fixed")]
 
 
 def staged(value: float | int, layer: int | list[int]) -> float | int | list:
@@ -212,7 +221,7 @@ def method_strategy(family: Family, method: str, prior: str, everything: bool) -
     preset, layer, options, _, _ = METHOD_CASES[method]
     if method in family.skip:
         pytest.skip(family.skip[method])
-    if preset == "fastervlm" and not family.vision_cls:
+    if preset in VISION_PRESETS and not family.vision_cls:
         pytest.skip("no vision [CLS] token (tests/test_adapter_qwen2_vl.py checks the refusal)")
     settings = {"layer": layer, "options": options}
     if PRIORS[prior] is not None:
@@ -221,7 +230,7 @@ def method_strategy(family: Family, method: str, prior: str, everything: bool) -
         settings.update(keep=None, ratio=staged(1.0, layer))
     else:
         settings.update(keep=staged(3, layer), ratio=staged(0.5, layer))
-    return build_strategy(preset, **settings), preset == "fastervlm"
+    return build_strategy(preset, **settings), preset in VISION_PRESETS
 
 
 @pytest.mark.parametrize(("method", "attn"), KEEP_ALL)

@@ -30,6 +30,8 @@ FOR_THE_EMBEDDED_MODEL = {
     "sparsevlm_96": {"layer": [1, 2, 3], "keep": [24, 12, 6]},
     "sparsevlm_64": {"layer": [1, 2, 3], "keep": [16, 8, 4]},
 }
+# Presets whose official count per image is data-dependent (PruMerge's IQR outliers), not the budget.
+ADAPTIVE_COUNT = {"prumerge", "prumerge_plus"}
 
 
 def test_a_40_layer_model_runs_pyramid_drop_before_layers_10_20_30() -> None:
@@ -99,7 +101,10 @@ def test_every_preset_runs_through_the_python_api_on_the_embedded_model(embedded
     last = resolved.stages()[-1]
     for kept in record.kept_raster:
         assert len(kept) == 1
-        assert len(kept[0]) == last.budget(EMBEDDED_TOKENS)
+        if name in ADAPTIVE_COUNT:
+            assert 1 <= len(kept[0]) < EMBEDDED_TOKENS
+        else:
+            assert len(kept[0]) == last.budget(EMBEDDED_TOKENS)
 
 
 def test_unknown_presets_list_the_files() -> None:

@@ -41,7 +41,8 @@ def test_unknown_names_list_the_valid_ones() -> None:
     ):
         build_strategy("fastvv")
     with pytest.raises(
-        UnknownNameError, match="choose one of: fastervlm, fastv, none, pdrop, pool, random, sparsevlm"
+        UnknownNameError,
+        match="choose one of: fastervlm, fastv, none, pdrop, pool, prumerge, random, sparsevlm",
     ):
         Strategy(method="sparse").resolve()
     with pytest.raises(ValueError, match="unknown strategy settings"):

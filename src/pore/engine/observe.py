@@ -182,7 +182,9 @@ class Observer:
                 )
             return [hook]
         index = encoder.layer_index(request.layer)
-        kind = "cls" if isinstance(request, VisionAttention) else "keys"
+        kind = "keys"
+        if isinstance(request, VisionAttention):
+            kind = "cls" if request.heads == "mean" else "cls_joint"
         key = self.vision_keys[request] = (kind, index)
         if key in installed:
             return []
@@ -201,6 +203,9 @@ class Observer:
     ) -> None:
         if key[0] == "cls":  # (views, L_v): the encoder is bidirectional
             self._store_vision(key, cls_attention(query, keys, mask, scaling))
+        elif key[0] == "cls_joint":  # the heads as one: (views, 1, L_v, H * d)
+            query, keys = (states.transpose(1, 2).flatten(2)[:, None] for states in (query, keys))
+            self._store_vision(key, cls_attention(query, keys, mask, query.shape[-1] ** -0.5))
         else:  # (views, L_v, H, d)
             self._store_vision(key, keys.transpose(1, 2))
 

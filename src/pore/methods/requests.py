@@ -27,7 +27,7 @@ ran before the pruning, so `DecoderKeys` needs `offset <= -1`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -92,9 +92,16 @@ class VisionHiddenStates(Request):
 class VisionAttention(Request):
     """(B, N) float32: in encoder layer `layer`, the [CLS] query's attention (mean over heads, softmax over
     every position of its view) to the patch of each visual token; 0 for tokens without a patch. FasterVLM.
-    Families without a [CLS] token (Qwen2-VL) refuse it."""
+    `heads="joint"`: one softmax of the [CLS] query's dot product with each key over all heads concatenated,
+    scaled by (H d)^-1/2 (PruMerge's attention from the layer's q_proj / k_proj outputs). Families without
+    a [CLS] token (Qwen2-VL) refuse it."""
 
     layer: int | None = None
+    heads: Literal["mean", "joint"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.heads not in ("mean", "joint"):
+            raise ValueError(f"VisionAttention(heads={self.heads!r}): use 'mean' or 'joint'")
 
 
 @dataclass(frozen=True)
