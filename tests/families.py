@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import gemma3_reference
 import next_reference
 import qwen_reference
 import reference
@@ -243,6 +244,29 @@ def qwen_family(name: str) -> Family:
     )
 
 
+# ---------------------------------------------------------------------------------------------- Gemma 3
+
+GEMMA3 = Family(
+    name="gemma3",
+    adapter=None,
+    model=gemma3_reference.tiny_model,
+    batch=gemma3_reference.batch_inputs,
+    sample=gemma3_reference.sample_inputs,
+    images=[images for _, images, _ in gemma3_reference.PROMPTS],
+    prunable=lambda b: [gemma3_reference.TOKENS] * gemma3_reference.PROMPTS[b][1],
+    fixed=lambda b: 0,
+    reference_kept=lambda eager, b, layer, keep, weight: gemma3_reference.reference_kept(
+        eager, gemma3_reference.sample_inputs(b), layer, keep, weight
+    ),
+    kept_positions=lambda b, inputs, raster: gemma3_reference.kept_positions(inputs, raster),
+    reference_logits=gemma3_reference.reference_pruned_logits,
+    grow=gemma3_reference.append_token,
+    keep=3,
+    answer=gemma3_reference.until_eos,
+    vision_cls=False,  # SigLIP: no [CLS]
+)
+
+
 def remembered(family: Family) -> Family:
     """The family with its kept-set reference computed once per (model, sample, layer, keep, prior): the
     reference runs the eager model, whatever attention implementation the test runs the engine with."""
@@ -257,6 +281,7 @@ FAMILIES: dict[str, Family] = {
         next_family("tile"),
         qwen_family("qwen2_vl"),
         qwen_family("qwen2_5_vl"),
+        GEMMA3,
     )
 }
 
