@@ -36,7 +36,11 @@ def pixels(images: int, seed: int) -> torch.Tensor:
 def sample_inputs(b: int) -> dict:
     prefix, images, suffix = PROMPTS[b]
     ids = torch.tensor([gemma3_prompt(prefix, images, suffix)])
-    return {"input_ids": ids, "pixel_values": pixels(images, b), "token_type_ids": (ids == IMAGE_TOKEN).long()}
+    return {
+        "input_ids": ids,
+        "pixel_values": pixels(images, b),
+        "token_type_ids": (ids == IMAGE_TOKEN).long(),
+    }
 
 
 def batch_inputs() -> dict:
@@ -74,7 +78,9 @@ def reference_kept(
     last_row = out.attentions[layer - 1][0, :, -1, :].mean(dim=0).double()  # (L,)
     kept = []
     for positions in image_positions(inputs["input_ids"]):
-        scores = [last_row[p].item() * weight(i // SIDE, i % SIDE, SIDE, SIDE) for i, p in enumerate(positions)]
+        scores = [
+            last_row[p].item() * weight(i // SIDE, i % SIDE, SIDE, SIDE) for i, p in enumerate(positions)
+        ]
         ranking = sorted(range(TOKENS), key=lambda i: (-scores[i], i))
         kept.append(sorted(ranking[:keep]))
     return kept
@@ -134,7 +140,9 @@ def reference_pruned_logits(model: nn.Module, inputs: dict, layer: int, kept: to
 def append_token(inputs: dict, token: int) -> dict:
     grown = dict(inputs)
     grown["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
-    grown["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros(1, 1, dtype=torch.long)], dim=1)
+    grown["token_type_ids"] = torch.cat(
+        [inputs["token_type_ids"], torch.zeros(1, 1, dtype=torch.long)], dim=1
+    )
     return grown
 
 

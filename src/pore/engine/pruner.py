@@ -202,8 +202,8 @@ class Pruner:
         unknown = sorted(set(layer_types) - set(compat.MASKED_LAYER_TYPES))
         if unknown:
             raise NotImplementedError(
-                f"pruning supports decoder layers with {' or '.join(compat.MASKED_LAYER_TYPES)}; this language "
-                f"model also has {unknown}"
+                f"pruning supports decoder layers with {' or '.join(compat.MASKED_LAYER_TYPES)}; this "
+                f"language model also has {unknown}"
             )
 
     # ------------------------------------------------------------------ hooks

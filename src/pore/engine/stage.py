@@ -165,8 +165,8 @@ class StageRunner:
             # language model's rotary embedding at the kept tokens' original positions.
             if position_ids is None or position_ids.dim() != 2:
                 raise NotImplementedError(
-                    "pruning a language model whose layer kinds use different RoPE needs the 1-D position ids "
-                    "(batch, length) it hands its decoder layers"
+                    "pruning a language model whose layer kinds use different RoPE needs the 1-D position "
+                    "ids (batch, length) it hands its decoder layers"
                 )
             kept = gather_sequence(position_ids, cut.order, seq_dim=1)  # (B, L')
             embeddings.update(self._rotary(pruned_hidden, kept, others))

@@ -78,7 +78,9 @@ class PrunedLayerInputs:
 
     # layer kind -> mask in the backend's own format (None, 4-D bool / float, or 2-D)
     attention_mask: dict[str, Any]
-    position_embeddings: dict[str, Any] | None  # layer kind -> (cos, sin) of the kept tokens; None = unchanged
+    position_embeddings: (
+        dict[str, Any] | None
+    )  # layer kind -> (cos, sin) of the kept tokens; None = unchanged
     position_ids: torch.Tensor | None
 
 

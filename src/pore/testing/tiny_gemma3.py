@@ -25,7 +25,14 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-__all__ = ["BOI_TOKEN", "EOI_TOKEN", "IMAGE_TOKEN", "build_tiny_gemma3", "gemma3_prompt", "tiny_gemma3_config"]
+__all__ = [
+    "BOI_TOKEN",
+    "EOI_TOKEN",
+    "IMAGE_TOKEN",
+    "build_tiny_gemma3",
+    "gemma3_prompt",
+    "tiny_gemma3_config",
+]
 
 PAD_TOKEN, EOS_TOKEN, BOS_TOKEN = 0, 1, 2  # Gemma's own order of the first special ids
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = 5, 6, 7  # <image_soft_token>, <start_of_image>, <end_of_image>
@@ -78,7 +85,9 @@ def tiny_gemma3_config(
     )
 
 
-def build_tiny_gemma3(seed: int = 0, attn_implementation: str = "sdpa", **config: Any) -> Gemma3ForConditionalGeneration:
+def build_tiny_gemma3(
+    seed: int = 0, attn_implementation: str = "sdpa", **config: Any
+) -> Gemma3ForConditionalGeneration:
     """A randomly initialised tiny model (eval mode) whose weights depend only on `seed` and the config;
     the global RNG state is left untouched. `config` goes to `tiny_gemma3_config`."""
     settings = tiny_gemma3_config(**config)
@@ -106,7 +115,9 @@ def hidden_std(config: Gemma3Config) -> float:
     return config.text_config.hidden_size**-0.5
 
 
-def gemma3_prompt(prefix: Sequence[int], images: int, suffix: Sequence[int], tokens_per_image: int = 16) -> list[int]:
+def gemma3_prompt(
+    prefix: Sequence[int], images: int, suffix: Sequence[int], tokens_per_image: int = 16
+) -> list[int]:
     """Token ids of a prompt: <bos>, `prefix`, each image as <start_of_image> image tokens <end_of_image>,
     then `suffix` (word ids, >= FIRST_WORD)."""
     ids = [BOS_TOKEN, *prefix]
