@@ -78,9 +78,8 @@ class PrunedLayerInputs:
 
     # layer kind -> mask in the backend's own format (None, 4-D bool / float, or 2-D)
     attention_mask: dict[str, Any]
-    position_embeddings: (
-        dict[str, Any] | None
-    )  # layer kind -> (cos, sin) of the kept tokens; None = unchanged
+    # layer kind -> (cos, sin) of the kept tokens; None = unchanged
+    position_embeddings: dict[str, Any] | None
     position_ids: torch.Tensor | None
 
 
