@@ -144,3 +144,96 @@ def test_other_layer_kinds_are_refused_clearly() -> None:
 def test_vision_tower_requests_are_refused(model) -> None:
     with pytest.raises(NotImplementedError, match="vision"):
         Pruner(model, build_strategy("fastervlm", keep=3, layer=2)).attach()
+
+
+# ------------------------------------------------------------------------------- python src/run.py, offline
+
+# strategy -> its overrides on the 4-layer tiny model (SparseVLM's preset layers are a 7B's)
+PIPELINE_METHODS = {
+    "fastv": [],
+    "pore_linear": [],
+    "pore_exponential": [],
+    "pdrop": [],
+    "sparsevlm": ["strategy.layer=[1,2,3]"],
+    "pool": [],
+    "random": [],
+}
+
+
+@pytest.fixture(scope="session")
+def gemma3_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    from pore.testing.tiny_gemma3 import build_tiny_gemma3_checkpoint
+
+    return build_tiny_gemma3_checkpoint(tmp_path_factory.mktemp("model") / "tiny-gemma3")
+
+
+@pytest.fixture(scope="module")
+def vqa_benchmark(tmp_path_factory: pytest.TempPathFactory):
+    from pipeline_fixtures import write_vqa_parquet
+
+    return write_vqa_parquet(tmp_path_factory.mktemp("data") / "vqa", samples=3)
+
+
+@pytest.mark.parametrize("strategy", PIPELINE_METHODS)
+def test_run_py_end_to_end_on_a_tiny_checkpoint(gemma3_checkpoint, vqa_benchmark, tmp_path, strategy) -> None:
+    """`python src/run.py model.path=<tiny gemma3> strategy=<method>`: the real Gemma3Processor (PIL
+    preprocessing), a padded batch, generation with the pruned cache; every sample predicted once."""
+    import json
+
+    from pipeline_fixtures import run_program
+
+    out = tmp_path / strategy
+    result = run_program(
+        f"model.path={gemma3_checkpoint}",
+        "model.name=tiny_gemma3",
+        "data=vqav2",
+        f"data.path={vqa_benchmark}",
+        "data.config=null",
+        "data.split=test",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "logger=none",
+        "figures.enabled=false",
+        f"output_dir={out}",
+        f"strategy={strategy}",
+        "strategy.keep=4",
+        *PIPELINE_METHODS[strategy],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(row["question_id"] for row in rows) == sorted({row["question_id"] for row in rows})
+    assert len(rows) == 3
+
+
+def test_fastervlm_is_refused_with_the_reason(gemma3_checkpoint, vqa_benchmark, tmp_path) -> None:
+    """SigLIP has no [CLS]: FasterVLM stops when the pruner attaches (after the weights load), saying why."""
+    from pipeline_fixtures import run_program
+
+    result = run_program(
+        f"model.path={gemma3_checkpoint}",
+        "data=vqav2",
+        f"data.path={vqa_benchmark}",
+        "data.config=null",
+        "data.split=test",
+        "logger=none",
+        "figures.enabled=false",
+        f"output_dir={tmp_path / 'x'}",
+        "strategy=fastervlm",
+        "strategy.keep=4",
+    )
+    assert result.returncode != 0
+    assert "the gemma3 adapter has no vision [CLS] attention to score with" in result.stderr
+    assert not (tmp_path / "x" / "predictions.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["gemma3_4b", "gemma3_12b", "gemma3_27b"])
+def test_real_checkpoints_compose_and_are_refused_clearly_offline(name: str, tmp_path) -> None:
+    from pipeline_fixtures import run_program
+
+    result = run_program(
+        f"model={name}", "data.limit=2", "logger=none", "figures.enabled=false", f"output_dir={tmp_path}"
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"google/{name.replace('gemma3_', 'gemma-3-')}-it" in last
+    assert "hub id that is not in the local cache" in last and "Traceback" not in result.stderr

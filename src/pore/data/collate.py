@@ -75,7 +75,8 @@ class PromptCollator:
         if usable:
             inputs = dict(
                 self.processor(
-                    images=[self.image(sample) for sample in usable],
+                    # One list per prompt: Gemma 3's processor counts images per sample (the others flatten).
+                    images=[[self.image(sample)] for sample in usable],
                     text=prompts,
                     padding=True,
                     return_tensors="pt",

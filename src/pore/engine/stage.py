@@ -83,7 +83,7 @@ class StageRunner:
         )
         cache = compat.cache_from(kwargs)
         prefill.block_ids = kept_blocks(prefill.block_ids, cut)
-        masks = self._masks(stage, pruned_hidden, cut.padding, cache, prefill.block_ids)
+        masks = self._masks(stage, pruned_hidden, cut.padding, cache, prefill.block_ids, prefill=True)
         forward.layer_inputs = PrunedLayerInputs(masks, position_embeddings, position_ids)
         self._advance(stage, prefill, cut, kept_visual, weighted)
         if stage == 0:
@@ -199,7 +199,7 @@ class StageRunner:
             hidden,
         )
         # The new tokens are text: no bidirectional block reaches them.
-        masks = self._masks(stage, hidden, padding, cache, None)
+        masks = self._masks(stage, hidden, padding, cache, None, prefill=False)
         if self.positions == "compact":
             positions = compact_decoding_positions(
                 kwargs.get("position_ids"), prompt.stage_removed[stage], hidden.shape[0]
@@ -214,12 +214,18 @@ class StageRunner:
         padding: torch.Tensor,
         cache: Any,
         block_ids: torch.Tensor | None,
+        prefill: bool,
     ) -> dict[str, Any]:
         """The mask of each kind of layer in `stage`'s layers, built for the first layer of that kind there
-        (its cache says how many tokens it holds: a sliding-window layer keeps only its window)."""
+        (its cache says how many tokens it holds: a sliding-window layer keeps only its window). In a prefill
+        (`prefill`), also for the kinds that first appear after the stage: the next stage's
+        layer may run its attention on this stage's sequence before it cuts (PyramidDrop's own-layer scores),
+        and no layer from K on has cached anything yet."""
         end = self.stages[stage + 1].layer if stage + 1 < len(self.stages) else len(self.layer_types)
+        if prefill:
+            end = len(self.layer_types)
         first_of_kind: dict[str, int] = {}
-        for index in range(self.stages[stage].layer, end):
+        for index in range(self.stages[stage].layer, end):  # ascending: the stage's own layers first
             first_of_kind.setdefault(self.layer_types[index], index)
         config = self.adapter.language_model().config
         return {

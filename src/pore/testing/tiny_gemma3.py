@@ -9,34 +9,132 @@ tests.
 Prompts are written with token ids (`gemma3_prompt`), as Gemma 3's processor lays them out: each image is
 `<start_of_image>`, `mm_tokens_per_image` image tokens, `<end_of_image>`; `token_type_ids` mark the image
 tokens (1), which the model reads to let the tokens of one image attend to each other both ways.
+
+For the pipeline, `build_tiny_gemma3_checkpoint` saves the model with the real `Gemma3Processor`: Gemma 3's
+image preprocessing (PIL backend: no torchvision needed) and a word-level tokenizer with Gemma's special
+tokens at fixed ids. Command line: ``python -m pore.testing.tiny_gemma3 OUT_DIR``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders
+from tokenizers.models import WordLevel
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
+    Gemma3Processor,
     Gemma3TextConfig,
     GenerationConfig,
+    PreTrainedTokenizerFast,
     SiglipVisionConfig,
 )
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+from pore.testing.tiny_llava import DEFAULT_WORDS, _normalizer, _pre_tokenizer, save_checkpoint, vocabulary
 
 __all__ = [
     "BOI_TOKEN",
     "EOI_TOKEN",
+    "GEMMA3_CHAT_TEMPLATE",
+    "GEMMA3_SPECIAL_TOKENS",
     "IMAGE_TOKEN",
+    "build_gemma3_processor",
+    "build_gemma3_tokenizer",
     "build_tiny_gemma3",
+    "build_tiny_gemma3_checkpoint",
     "gemma3_prompt",
     "tiny_gemma3_config",
 ]
 
-PAD_TOKEN, EOS_TOKEN, BOS_TOKEN = 0, 1, 2  # Gemma's own order of the first special ids
+# Fixed order, so the special ids never depend on the word list; the first three as in Gemma's vocabulary.
+GEMMA3_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<end_of_turn>",
+    "<image_soft_token>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<start_of_turn>",
+)
+PAD_TOKEN, EOS_TOKEN, BOS_TOKEN, END_OF_TURN = 0, 1, 2, 4
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = 5, 6, 7  # <image_soft_token>, <start_of_image>, <end_of_image>
-FIRST_WORD = 8  # text tokens are ids FIRST_WORD..vocab_size-1
+
+# Gemma 3's chat format (its hub template without system turns): <bos>, each turn as
+# <start_of_turn>role\n...<end_of_turn>\n with the assistant as "model", each image as <start_of_image>
+# (which the processor expands to \n\n<start_of_image>, the image tokens, <end_of_image>\n\n).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<start_of_image>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+TEMPLATE_WORDS: tuple[str, ...] = ("user", "model")
+
+
+def build_gemma3_tokenizer(
+    words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 2048
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` with Gemma 3's special tokens (`GEMMA3_SPECIAL_TOKENS`, ids 0-8),
+    which are matched whole before normalisation (runs of image tokens are never split). The chat template
+    writes <bos>; the tokenizer adds nothing. Padding is on the left for batched generation."""
+    specials = GEMMA3_SPECIAL_TOKENS
+    vocab = {
+        token: i for i, token in enumerate(vocabulary((*words, *TEMPLATE_WORDS), special_tokens=specials))
+    }
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = _normalizer()
+    backend.pre_tokenizer = _pre_tokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+        padding_side="left",
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_gemma3_processor(
+    image_size: int = 32, tokens_per_image: int = 16, words: Iterable[str] = DEFAULT_WORDS
+) -> Gemma3Processor:
+    """The real `Gemma3Processor`: images resized to `image_size` squares (Gemma's preprocessing, PIL
+    backend), each `<start_of_image>` of a prompt expanded to `tokens_per_image` image tokens."""
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False,
+    )
+    return Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=build_gemma3_tokenizer(words),
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+        image_seq_length=tokens_per_image,
+    )
 
 
 def tiny_gemma3_config(
@@ -119,8 +217,38 @@ def gemma3_prompt(
     prefix: Sequence[int], images: int, suffix: Sequence[int], tokens_per_image: int = 16
 ) -> list[int]:
     """Token ids of a prompt: <bos>, `prefix`, each image as <start_of_image> image tokens <end_of_image>,
-    then `suffix` (word ids, >= FIRST_WORD)."""
+    then `suffix` (text token ids)."""
     ids = [BOS_TOKEN, *prefix]
     for _ in range(images):
         ids += [BOI_TOKEN, *([IMAGE_TOKEN] * tokens_per_image), EOI_TOKEN]
     return ids + list(suffix)
+
+
+def build_tiny_gemma3_checkpoint(
+    path: str | Path, seed: int = 0, words: Iterable[str] = DEFAULT_WORDS, **config: Any
+) -> Path:
+    """A random tiny Gemma 3 and its processor saved to `path`, ready for `AutoProcessor` /
+    `AutoModelForImageTextToText.from_pretrained` (and so for `python src/run.py model.path=<path>`)."""
+    image_size, tokens = config.setdefault("image_size", 32), config.setdefault("tokens_per_image", 16)
+    processor = build_gemma3_processor(image_size, tokens, words)
+    model = build_tiny_gemma3(seed=seed, vocab_size=len(processor.tokenizer), **config)
+    model.generation_config.eos_token_id = [EOS_TOKEN, END_OF_TURN]
+    return save_checkpoint(model, processor, Path(path))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pore.testing.tiny_gemma3 OUT_DIR [--seed N --text-layers N]`: write a tiny checkpoint."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pore.testing.tiny_gemma3", description="Write a tiny random Gemma 3 checkpoint."
+    )
+    parser.add_argument("out_dir", type=Path, help="folder to write the model and processor to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text-layers", type=int, default=4)
+    args = parser.parse_args(argv)
+    path = build_tiny_gemma3_checkpoint(args.out_dir, seed=args.seed, text_layers=args.text_layers)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    print(f"wrote {path} ({size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
