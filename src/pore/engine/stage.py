@@ -149,13 +149,10 @@ class StageRunner:
             # FlashAttention reads position ids that restart as packed sequences; the mask says it all.
             return self._rotary(pruned_hidden, positions), (None if flash else positions)
         if previous is not None:
-            embeddings = {
-                kind: original_positions(cut.order, value, previous.position_ids, flash)[0]
-                for kind, value in previous.position_embeddings.items()
-            }
-            return embeddings, original_positions(
-                cut.order, next(iter(previous.position_embeddings.values())), previous.position_ids, flash
-            )[1]
+            embeddings, kept_ids, ids = {}, None, previous.position_ids
+            for kind, value in previous.position_embeddings.items():
+                embeddings[kind], kept_ids = original_positions(cut.order, value, ids, flash)
+            return embeddings, kept_ids
         position_ids = kwargs.get("position_ids")
         own, kept_ids = original_positions(cut.order, kwargs["position_embeddings"], position_ids, flash)
         embeddings = {self.layer_types[self.stages[0].layer]: own}
@@ -217,10 +214,10 @@ class StageRunner:
         prefill: bool,
     ) -> dict[str, Any]:
         """The mask of each kind of layer in `stage`'s layers, built for the first layer of that kind there
-        (its cache says how many tokens it holds: a sliding-window layer keeps only its window). In a prefill
-        (`prefill`), also for the kinds that first appear after the stage: the next stage's
-        layer may run its attention on this stage's sequence before it cuts (PyramidDrop's own-layer scores),
-        and no layer from K on has cached anything yet."""
+        (its cache says how many tokens it holds: a sliding-window layer keeps only its window). For a
+        `prefill`, also for the kinds that first appear after the stage: the next stage's layer may run its
+        attention on this stage's sequence before it cuts (PyramidDrop's own-layer scores), and no layer from
+        K on has cached anything yet."""
         end = self.stages[stage + 1].layer if stage + 1 < len(self.stages) else len(self.layer_types)
         if prefill:
             end = len(self.layer_types)
