@@ -9,6 +9,8 @@ image's kept tokens, AND the window for sliding layers), and the refusals.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -110,6 +112,28 @@ def test_pruned_layers_get_the_hand_written_masks(model, layer: int) -> None:
     assert not bool(full[first_image[0], second_image].any())
     sliding = ref.hand_mask(token_types, 8, torch.float32)[0, 0] == 0
     assert not bool(sliding[-1, : len(kept) - 8].any()) and bool(sliding[-1, -8:].all())
+
+
+def test_the_cache_holds_fewer_tokens_in_pruned_layers_and_a_window_in_sliding_ones(model) -> None:
+    """After a pruned prefill (K = 2): layers 0-1 cached the whole prompt, layers 2-3 the kept sequence; a
+    sliding layer stores only its last window - 1 keys of what it saw (transformers' sliding cache layer)."""
+    from transformers import DynamicCache
+
+    inputs = ref.sample_inputs(1)  # 2 images of 16 tokens, keep 3 each
+    length = inputs["input_ids"].shape[1]
+    pruned = length - 2 * (16 - 3)
+    config = model.model.language_model.config
+    cache = DynamicCache(config=config)
+    with torch.no_grad(), Pruner(model, build_strategy("fastv", keep=3, layer=2)):
+        # The cache's keyword of this transformers release (`cache` from 5.24, `past_key_values` before).
+        keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model(**inputs, **{keyword: cache}, use_cache=True)
+    window = config.sliding_window
+    for index, kind in enumerate(config.layer_types):
+        seen = length if index < 2 else pruned
+        stored = min(seen, window - 1) if kind == "sliding_attention" else seen
+        assert cache.get_seq_length(index) == seen, index
+        assert cache.layers[index].keys.shape[-2] == stored, index
 
 
 def test_without_token_types_pruned_layers_stay_causal(model) -> None:
