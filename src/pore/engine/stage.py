@@ -10,6 +10,7 @@ new tokens (and, for compact positions, the new tokens' shifted positions).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,12 @@ class StageRunner:
         # the mask and RoPE of its kind, and so do the pruned layers.
         self.layer_types = [compat.layer_type(config, index) for index in range(count)]
         self.pruned_types = sorted(set(self.layer_types[self.stages[0].layer :]))
+        # Whether the kinds have RoPEs of their own: the rotary embedding then takes the kind (Gemma 3's
+        # local and global bases); otherwise every kind shares one (a Qwen2 with sliding-window layers).
+        rotary = getattr(adapter.language_model(), "rotary_emb", None)
+        self._rope_per_kind = (
+            rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        )
 
     def prune_prompt(
         self, stage: int, state: HookState, hidden: torch.Tensor, kwargs: dict, sizes: ImageSizes | None
@@ -155,6 +162,8 @@ class StageRunner:
             return embeddings, kept_ids
         position_ids = kwargs.get("position_ids")
         own, kept_ids = original_positions(cut.order, kwargs["position_embeddings"], position_ids, flash)
+        if not self._rope_per_kind:  # one RoPE for every kind of layer (also M-RoPE): the gathered one
+            return {kind: own for kind in self.pruned_types}, kept_ids
         embeddings = {self.layer_types[self.stages[0].layer]: own}
         others = [kind for kind in self.pruned_types if kind not in embeddings]
         if others:
@@ -176,8 +185,9 @@ class StageRunner:
         (which takes the kind when kinds differ in RoPE, Gemma 3)."""
         rotary = self.adapter.language_model().rotary_emb
         kinds = self.pruned_types if kinds is None else kinds
-        if len(set(self.layer_types)) == 1:
-            return {kind: rotary(hidden, positions) for kind in kinds}
+        if not self._rope_per_kind:
+            shared = rotary(hidden, positions)
+            return dict.fromkeys(kinds, shared)
         return {kind: rotary(hidden, positions, kind) for kind in kinds}
 
     def decoding_inputs(
