@@ -261,3 +261,34 @@ def test_real_checkpoints_compose_and_are_refused_clearly_offline(name: str, tmp
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"google/{name.replace('gemma3_', 'gemma-3-')}-it" in last
     assert "hub id that is not in the local cache" in last and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- layer kinds in another family
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sliding_layers_with_one_shared_rope_keep_everything_as_the_untouched_model(attn: str) -> None:
+    """The refusal of sliding-window layers is lifted for every family: a tiny Qwen2-VL whose text layers
+    alternate sliding (window 6, shorter than the prompt) and full attention, with one RoPE for both kinds,
+    gives the untouched logits when everything is kept (pruning from a full layer and from a sliding one)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    import qwen_reference as q
+    from pore.testing.tiny_qwen import tiny_qwen_config
+
+    config = tiny_qwen_config("qwen2_vl", len(q.processor("qwen2_vl").tokenizer))
+    text = config.text_config
+    text.use_sliding_window, text.sliding_window, text.max_window_layers = True, 6, 0
+    text.layer_types = ["sliding_attention", "full_attention"] * 2
+    config._attn_implementation = text._attn_implementation = attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        qwen = Qwen2VLForConditionalGeneration(config).eval()
+    inputs = q.sample_inputs("qwen2_vl", 1)
+    assert inputs["input_ids"].shape[1] > 6
+    with torch.no_grad():
+        untouched = qwen(**inputs).logits
+        for layer in (1, 2):
+            with Pruner(qwen, build_strategy("fastv", keep=None, ratio=1.0, layer=layer)):
+                kept = qwen(**inputs).logits
+            torch.testing.assert_close(kept, untouched, atol=1e-5, rtol=0)
