@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import internvl_reference
+import gemma3_reference
 import next_reference
 import onevision_reference
 import qwen3_reference
@@ -357,6 +358,26 @@ INTERNVL = Family(
     # The vision tower runs all views of a batch together: its fp32 sums differ in the last bits.
     batch_atol=1e-4,
     vision_cls=False,  # each token merges 2 x 2 patches (pixel shuffle): no [CLS] row per token
+# ---------------------------------------------------------------------------------------------- Gemma 3
+
+GEMMA3 = Family(
+    name="gemma3",
+    adapter=None,
+    model=gemma3_reference.tiny_model,
+    batch=gemma3_reference.batch_inputs,
+    sample=gemma3_reference.sample_inputs,
+    images=[images for _, images, _ in gemma3_reference.PROMPTS],
+    prunable=lambda b: [gemma3_reference.TOKENS] * gemma3_reference.PROMPTS[b][1],
+    fixed=lambda b: 0,
+    reference_kept=lambda eager, b, layer, keep, weight: gemma3_reference.reference_kept(
+        eager, gemma3_reference.sample_inputs(b), layer, keep, weight
+    ),
+    kept_positions=lambda b, inputs, raster: gemma3_reference.kept_positions(inputs, raster),
+    reference_logits=gemma3_reference.reference_pruned_logits,
+    grow=gemma3_reference.append_token,
+    keep=3,
+    answer=gemma3_reference.until_eos,
+    vision_cls=False,  # SigLIP: no [CLS]
 )
 
 
@@ -382,6 +403,7 @@ FAMILIES: dict[str, Family] = {
         INTERNVL,
         # One budget per video frame: on these image-only samples it must behave exactly as qwen2_vl.
         qwen_family("qwen2_vl", adapter="qwen2_vl_frames"),
+        GEMMA3,
     )
 }
 

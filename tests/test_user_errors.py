@@ -59,7 +59,11 @@ CASES = [
         "run",
         "unknown strategy 'fastvv' (did you mean fastv?); choose one of: fastervlm,",
     ),
-    (["model="], "run", "model= names no model; choose one of: llava15_13b, llava15_7b,"),
+    (
+        ["model="],
+        "run",
+        "model= names no model; choose one of: gemma3_12b, gemma3_27b, gemma3_4b, llava15_13b,",
+    ),
     (["data=gqaa"], "run", "unknown data 'gqaa' (did you mean gqa?); choose one of: gqa, mmbench,"),
     (["protocol=lava"], "run", "unknown protocol 'lava' (did you mean llava?); choose one of: default,"),
     (["logger=wandbb"], "run", "unknown logger 'wandbb' (did you mean wandb?); choose one of: csv, none,"),

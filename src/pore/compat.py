@@ -8,7 +8,11 @@ The pruner hooks into public extension points (forward pre-hooks with kwargs, th
   whichever name the caller used, so both are read here;
 - `create_causal_mask` takes the cache as `past_key_values` up to 5.23 and as `cache` from 5.24;
 - generate() may encode the images before the prefill (5.23 on): the multimodal forward then gets
-  `mm_encoder_outputs` instead of `pixel_values`, and no `image_sizes`.
+  `mm_encoder_outputs` instead of `pixel_values`, and no `image_sizes`;
+- masks per layer type (`config.layer_types`: `full_attention`, `sliding_attention`) and the bidirectional
+  blocks of image tokens (Gemma 3) are built as the modelling code of 5.17-5.24 builds them: full layers
+  OR(causal, block), sliding layers AND(window, OR(causal, block)) (`block_sequence_ids`, `blockwise_overlay`,
+  `sliding_window_overlay` of `transformers.masking_utils`).
 
 The engine (`pore.engine.pruner`), the benchmark's fixed-index reduction (`pore.app.bench.reduce`) and
 calibration read these through the functions below, never by version checks of their own.
@@ -30,7 +34,12 @@ import torch
 import transformers
 from packaging.version import Version
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import (
+    blockwise_overlay,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    sliding_window_overlay,
+)
 
 # Oldest and newest transformers releases the suite has passed on (keep in sync with pyproject.toml).
 OLDEST_TESTED = "5.17.0"
@@ -118,23 +127,52 @@ def _mask_cache_keyword() -> str:
     )
 
 
+# Layer types whose masks `causal_mask` builds (a language model with another kind is refused by the Pruner).
+MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_type(config: Any, layer_idx: int) -> str:
+    """The attention kind of decoder layer `layer_idx` (`config.layer_types`; full attention without it)."""
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types[layer_idx] if layer_types else "full_attention"
+
+
 def causal_mask(
-    config: Any, inputs_embeds: torch.Tensor, padding: torch.Tensor, cache: Cache | None, layer_idx: int
+    config: Any,
+    inputs_embeds: torch.Tensor,
+    padding: torch.Tensor,
+    cache: Cache | None,
+    layer_idx: int,
+    block_ids: torch.Tensor | None = None,
 ) -> Any:
     """transformers' own causal + padding mask for decoder layer `layer_idx`, in the format of the model's
-    attention backend (None, a 4-D bool / float mask, or a 2-D mask for FlashAttention).
+    attention backend (None, a 4-D bool / float mask, or a 2-D mask for FlashAttention), for the layer's kind:
+    a sliding-window layer gets the window (counted in positions of the sequence it runs on).
 
     inputs_embeds: (B, Q, D) the layer's queries; padding: (B, KV) bool, real tokens among the keys (the
-    cached ones followed by the queries).
+    cached ones followed by the queries); block_ids: (B, KV) long, tokens of one bidirectional block (an
+    image, Gemma 3) share an id >= 0, -1 elsewhere (None: causal only).
     """
-    return create_causal_mask(
-        config=config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=padding,
-        position_ids=None,
-        layer_idx=layer_idx,
-        **{_mask_cache_keyword(): cache},
-    )
+    arguments = {
+        "config": config,
+        "inputs_embeds": inputs_embeds,
+        "attention_mask": padding,
+        "position_ids": None,
+        "layer_idx": layer_idx,
+        _mask_cache_keyword(): cache,
+    }
+    if layer_type(config, layer_idx) == "sliding_attention":
+        if block_ids is None:
+            return create_sliding_window_causal_mask(**arguments)
+        # As Gemma 3's modelling code composes them: AND(window, OR(causal, block)).
+        return create_causal_mask(
+            **arguments,
+            or_mask_function=blockwise_overlay(block_ids),
+            and_mask_function=sliding_window_overlay(config.sliding_window),
+        )
+    if block_ids is None:
+        return create_causal_mask(**arguments)
+    return create_causal_mask(**arguments, block_sequence_ids=block_ids)
 
 
 def pre_encoded_images(image_inputs: Mapping[str, Any]) -> Any | None:

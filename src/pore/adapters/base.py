@@ -189,6 +189,14 @@ class ModelAdapter(ABC):
         read them; LLaVA-1.5 does not need them.
         """
 
+    def bidirectional_blocks(
+        self, input_ids: torch.Tensor, image_inputs: Mapping[str, Any] | None = None
+    ) -> torch.Tensor | None:
+        """(B, L) long: for language models whose image tokens attend to each other both ways in the prompt
+        (Gemma 3), the block of each position (tokens of one image share an id >= 0, -1 elsewhere), as the
+        model builds it from this call; None (the default): every layer is causal."""
+        return None
+
     # ------------------------------------------------------------------ the vision tower
 
     def vision_encoder(self) -> VisionEncoder:

@@ -91,7 +91,8 @@ class PromptCollator:
 
     def _media(self, usable: list[Sample]) -> dict[str, Any]:
         """The processor's `images=` / `videos=` for the samples that have them (a list of frames each)."""
-        images = [self.image(sample) for sample in usable if sample.image is not None]
+        # One list per prompt: Gemma 3's processor counts images per sample (the others flatten the lists).
+        images = [[self.image(sample)] for sample in usable if sample.image is not None]
         videos = [sample.video for sample in usable if sample.video is not None]
         if videos and getattr(self.processor, "video_processor", None) is None:
             raise ValueError(

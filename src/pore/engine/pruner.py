@@ -135,6 +135,8 @@ class Pruner:
         self._tap = Tap(model)
         self._state = HookState()
         self._check_supported()
+        config = self.adapter.language_model().config
+        self._layer_kind = {layer: compat.layer_type(config, i) for i, layer in enumerate(self.layers)}
         self._observer = Observer(self.adapter, self.method.observations(), self.stages, self._state)
         self._runner = StageRunner(self.adapter, self.strategy, self.method, self._observer)
         self._observer.capture_decoding = self._runner.rerank
@@ -212,10 +214,11 @@ class Pruner:
     def _check_supported(self) -> None:
         config = self.adapter.language_model().config
         layer_types = getattr(config, "layer_types", None) or []
-        if any(kind != "full_attention" for kind in layer_types):
+        unknown = sorted(set(layer_types) - set(compat.MASKED_LAYER_TYPES))
+        if unknown:
             raise NotImplementedError(
-                f"pruning supports language models whose layers all use full attention; this one has "
-                f"{sorted(set(layer_types))}"
+                f"pruning supports decoder layers with {' or '.join(compat.MASKED_LAYER_TYPES)}; this "
+                f"language model also has {unknown}"
             )
 
     # ------------------------------------------------------------------ hooks
@@ -243,6 +246,10 @@ class Pruner:
                 f"{type(cache).__name__} (do not pass cache_implementation='static' to generate)"
             )
         padding_mask = kwargs.get("attention_mask")
+        if isinstance(padding_mask, dict):
+            # Masks prepared per layer kind by the multimodal model (Gemma 3): the padding is the 2-D mask
+            # the model itself was called with.
+            padding_mask = call.image_inputs.get("attention_mask")
         if padding_mask is not None and padding_mask.dim() != 2:
             raise NotImplementedError(
                 "the pruner needs a 2-D padding mask (batch, length), not a prepared 4-D mask"
@@ -325,6 +332,7 @@ class Pruner:
             current_padding=padding_mask,
             prompt_observations=observed,
             vision_views=views,
+            block_ids=self.adapter.bidirectional_blocks(input_ids, image_inputs),
         )
 
     def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -370,9 +378,10 @@ class Pruner:
         pruned = forward.layer_inputs if forward is not None else None
         if pruned is None:
             return None
-        kwargs = {**kwargs, "attention_mask": pruned.attention_mask}
+        kind = self._layer_kind[module]  # the mask and RoPE of the layer's kind (full / sliding window)
+        kwargs = {**kwargs, "attention_mask": pruned.attention_mask[kind]}
         if pruned.position_embeddings is not None:
-            kwargs["position_embeddings"] = pruned.position_embeddings
+            kwargs["position_embeddings"] = pruned.position_embeddings[kind]
         if "position_ids" in kwargs:
             kwargs["position_ids"] = pruned.position_ids
         return args, kwargs

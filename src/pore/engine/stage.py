@@ -11,6 +11,7 @@ new tokens (and, for compact positions, the new tokens' shifted positions).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from pore.engine.surgery import (
     cut_sequence,
     decoding_padding,
     gather_sequence,
+    kept_blocks,
     moved_positions,
     original_positions,
     pruned_mask,
@@ -55,6 +57,18 @@ class StageRunner:
         self.rerank = getattr(method, "rerank", "prefill") == "every_token"
         if self.rerank:
             self._check_rerank(adapter)
+        config = adapter.language_model().config
+        count = len(adapter.decoder_layers())
+        # Each decoder layer's kind (full / sliding-window attention): the language model hands every layer
+        # the mask and RoPE of its kind, and so do the pruned layers.
+        self.layer_types = [compat.layer_type(config, index) for index in range(count)]
+        self.pruned_types = sorted(set(self.layer_types[self.stages[0].layer :]))
+        # Whether the kinds have RoPEs of their own: the rotary embedding then takes the kind (Gemma 3's
+        # local and global bases); otherwise every kind shares one (a Qwen2 with sliding-window layers).
+        rotary = getattr(adapter.language_model(), "rotary_emb", None)
+        self._rope_per_kind = (
+            rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        )
 
     def prune_prompt(
         self, stage: int, state: HookState, hidden: torch.Tensor, kwargs: dict, sizes: ImageSizes | None
@@ -89,8 +103,9 @@ class StageRunner:
             prefill, kwargs, previous, pruned_hidden, cut
         )
         cache = compat.cache_from(kwargs)
-        mask = self._mask(pruned_hidden, cut.padding, cache, self.stages[stage].layer)
-        forward.layer_inputs = PrunedLayerInputs(mask, position_embeddings, position_ids)
+        prefill.block_ids = kept_blocks(prefill.block_ids, cut)
+        masks = self._masks(stage, pruned_hidden, cut.padding, cache, prefill.block_ids, prefill=True)
+        forward.layer_inputs = PrunedLayerInputs(masks, position_embeddings, position_ids)
         self._advance(stage, prefill, cut, kept_visual, weighted)
         if stage == 0:
             state.prompt = PrunedPrompt(prefill.input_ids.shape[1], cache, rerank=rerank)
@@ -149,9 +164,10 @@ class StageRunner:
         previous: PrunedLayerInputs | None,
         pruned_hidden: torch.Tensor,
         cut: Cut,
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        """(cos, sin) and position ids of the kept slots, per `strategy.positions`; `previous`: what the
-        previous stage handed its layers (None at the first stage: the language model's own arguments)."""
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """(cos, sin) per layer kind and position ids of the kept slots, per `strategy.positions`; `previous`:
+        what the previous stage handed its layers (None at the first stage: the language model's own
+        arguments)."""
         language_model = self.adapter.language_model()
         flash = uses_flash_attention(language_model.config)
         if self.positions == "compact":
@@ -160,10 +176,41 @@ class StageRunner:
             )
             prefill.current_positions = positions
             # FlashAttention reads position ids that restart as packed sequences; the mask says it all.
-            return language_model.rotary_emb(pruned_hidden, positions), (None if flash else positions)
+            return self._rotary(pruned_hidden, positions), (None if flash else positions)
         if previous is not None:
-            return original_positions(cut.order, previous.position_embeddings, previous.position_ids, flash)
-        return original_positions(cut.order, kwargs["position_embeddings"], kwargs.get("position_ids"), flash)
+            embeddings, kept_ids, ids = {}, None, previous.position_ids
+            for kind, value in previous.position_embeddings.items():
+                embeddings[kind], kept_ids = original_positions(cut.order, value, ids, flash)
+            return embeddings, kept_ids
+        position_ids = kwargs.get("position_ids")
+        own, kept_ids = original_positions(cut.order, kwargs["position_embeddings"], position_ids, flash)
+        if not self._rope_per_kind:  # one RoPE for every kind of layer (also M-RoPE): the gathered one
+            return {kind: own for kind in self.pruned_types}, kept_ids
+        embeddings = {self.layer_types[self.stages[0].layer]: own}
+        others = [kind for kind in self.pruned_types if kind not in embeddings]
+        if others:
+            # Layers of another kind use another RoPE (Gemma 3: local and global bases): computed by the
+            # language model's rotary embedding at the kept tokens' original positions.
+            if position_ids is None or position_ids.dim() != 2:
+                raise NotImplementedError(
+                    "pruning a language model whose layer kinds use different RoPE needs the 1-D position "
+                    "ids (batch, length) it hands its decoder layers"
+                )
+            kept = gather_sequence(position_ids, cut.order, seq_dim=1)  # (B, L')
+            embeddings.update(self._rotary(pruned_hidden, kept, others))
+        return embeddings, kept_ids
+
+    def _rotary(
+        self, hidden: torch.Tensor, positions: torch.Tensor, kinds: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """(cos, sin) of `positions` (B, L) per layer kind, from the language model's own rotary embedding
+        (which takes the kind when kinds differ in RoPE, Gemma 3)."""
+        rotary = self.adapter.language_model().rotary_emb
+        kinds = self.pruned_types if kinds is None else kinds
+        if not self._rope_per_kind:
+            shared = rotary(hidden, positions)
+            return dict.fromkeys(kinds, shared)
+        return {kind: rotary(hidden, positions, kind) for kind in kinds}
 
     def decoding_inputs(
         self, stage: int, state: HookState, hidden: torch.Tensor, kwargs: dict
@@ -183,15 +230,14 @@ class StageRunner:
             layer,
             hidden,
         )
-        mask = self._mask(hidden, padding, cache, layer)
+        # The new tokens are text: no bidirectional block reaches them.
+        masks = self._masks(stage, hidden, padding, cache, None, prefill=False)
         if self.positions == "compact":
             positions = compact_decoding_positions(
                 kwargs.get("position_ids"), prompt.stage_removed[stage], hidden.shape[0]
             )
-            return PrunedLayerInputs(
-                mask, self.adapter.language_model().rotary_emb(hidden, positions), positions
-            )
-        return PrunedLayerInputs(mask, None, kwargs.get("position_ids"))
+            return PrunedLayerInputs(masks, self._rotary(hidden, positions), positions)
+        return PrunedLayerInputs(masks, None, kwargs.get("position_ids"))
 
     def _rerank_step(self, rerank: RerankState, rows: torch.Tensor | None) -> torch.Tensor:
         """(B, L) the prompt's visible keys for this decoding step: the image tokens re-selected by the new
@@ -225,5 +271,28 @@ class StageRunner:
                 "attn_implementation sdpa or eager"
             )
 
-    def _mask(self, hidden: torch.Tensor, padding: torch.Tensor, cache: Any, layer: int) -> Any:
-        return pruned_mask(self.adapter.language_model().config, hidden, padding, cache, layer)
+    def _masks(
+        self,
+        stage: int,
+        hidden: torch.Tensor,
+        padding: torch.Tensor,
+        cache: Any,
+        block_ids: torch.Tensor | None,
+        prefill: bool,
+    ) -> dict[str, Any]:
+        """The mask of each kind of layer in `stage`'s layers, built for the first layer of that kind there
+        (its cache says how many tokens it holds: a sliding-window layer keeps only its window). For a
+        `prefill`, also for the kinds that first appear after the stage: the next stage's layer may run its
+        attention on this stage's sequence before it cuts (PyramidDrop's own-layer scores), and no layer from
+        K on has cached anything yet."""
+        end = self.stages[stage + 1].layer if stage + 1 < len(self.stages) else len(self.layer_types)
+        if prefill:
+            end = len(self.layer_types)
+        first_of_kind: dict[str, int] = {}
+        for index in range(self.stages[stage].layer, end):  # ascending: the stage's own layers first
+            first_of_kind.setdefault(self.layer_types[index], index)
+        config = self.adapter.language_model().config
+        return {
+            kind: pruned_mask(config, hidden, padding, cache, index, block_ids)
+            for kind, index in first_of_kind.items()
+        }

@@ -73,6 +73,9 @@ class Prefill:
     stage_captures: dict[Any, Any] = field(default_factory=dict)
     # (B, L_cur) long: RoPE positions of the current sequence (kept only for strategy.positions=compact)
     current_positions: torch.Tensor | None = None
+    # (B, L_cur) long: the bidirectional block of each slot of the current sequence (tokens of one image share
+    # an id >= 0, -1 elsewhere: Gemma 3's image tokens attend to each other), or None (causal only)
+    block_ids: torch.Tensor | None = None
     stage: int = 0  # the next stage to run
     stage_kept: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) bool
     stage_scores: list[torch.Tensor] = field(default_factory=list)  # per stage (B, N) float64
@@ -85,10 +88,14 @@ class Prefill:
 
 @dataclass
 class PrunedLayerInputs:
-    """What every decoder layer after a pruning point receives instead of the language model's arguments."""
+    """What every decoder layer after a pruning point receives instead of the language model's arguments,
+    per kind of layer (`config.layer_types`: `full_attention`, `sliding_attention`; one kind for most models),
+    as the language model hands each layer the mask and RoPE of its kind."""
 
-    attention_mask: Any  # in the backend's own format (None, 4-D bool / float, or 2-D)
-    position_embeddings: Any  # (cos, sin) of the kept tokens; None = unchanged
+    # layer kind -> mask in the backend's own format (None, 4-D bool / float, or 2-D)
+    attention_mask: dict[str, Any]
+    # layer kind -> (cos, sin) of the kept tokens; None = unchanged
+    position_embeddings: dict[str, Any] | None
     position_ids: torch.Tensor | None
 
 

@@ -145,11 +145,24 @@ def decoding_padding(
 
 
 def pruned_mask(
-    config: Any, hidden: torch.Tensor, padding: torch.Tensor, cache: Cache | None, layer: int
+    config: Any,
+    hidden: torch.Tensor,
+    padding: torch.Tensor,
+    cache: Cache | None,
+    layer: int,
+    block_ids: torch.Tensor | None = None,
 ) -> Any:
-    """The causal + padding mask of a pruned layer, in the format of the language model's attention backend
-    (`config` its config; `padding` (B, L_kv) bool the real tokens it attends to)."""
-    return compat.causal_mask(config, hidden, padding, cache, layer)
+    """The causal + padding mask of pruned layer `layer` (full or sliding window, by its kind), in the format
+    of the language model's attention backend (`config` its config; `padding` (B, L_kv) bool the real tokens
+    it attends to; `block_ids` (B, L_kv) long the bidirectional blocks among them, or None)."""
+    return compat.causal_mask(config, hidden, padding, cache, layer, block_ids)
+
+
+def kept_blocks(block_ids: torch.Tensor | None, cut: Cut) -> torch.Tensor | None:
+    """(B, L') long: the bidirectional block of each kept slot (-1 for the masked left fill), or None."""
+    if block_ids is None:
+        return None
+    return torch.where(cut.padding, block_ids.gather(1, cut.order), -1)
 
 
 def uses_flash_attention(config: Any) -> bool:
