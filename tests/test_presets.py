@@ -103,7 +103,7 @@ def test_every_preset_runs_through_the_python_api_on_the_embedded_model(embedded
 
 
 def test_unknown_presets_list_the_files() -> None:
-    with pytest.raises(UnknownNameError, match="choose one of: fastervlm, fastv, none, pdrop"):
+    with pytest.raises(UnknownNameError, match="choose one of: fastervlm, fastv, himap, none, pdrop"):
         build_strategy("fastvv")
 
 
