@@ -186,14 +186,17 @@ METHOD_CASES: dict[str, tuple[str, int | list[int], dict, bool, str]] = {
     "fastervlm": ("fastervlm", 2, {}, True, "linear"),
     "random": ("random", 2, {}, True, "exponential_index"),
     "himap": ("himap", [1, 3], {}, True, "linear"),
+    "tokencarve": ("tokencarve", 2, {}, True, "exponential"),
 }
 # Keeping everything: every method with SDPA, those that read attention (and random) with eager attention too
 # (with every token kept, a prior changes nothing: pore_linear / pore_exponential run as FastV does).
 KEEP_ALL = [(method, "sdpa") for method in METHOD_CASES]
-KEEP_ALL += [(method, "eager") for method in ("fastv", "pdrop", "sparsevlm", "random", "himap")]
+KEEP_ALL += [(method, "eager") for method in ("fastv", "pdrop", "sparsevlm", "random", "himap", "tokencarve")]
 # Pruning: the other attention-scored methods meet every prior (FastV does in the tests above); the others
 # (their own scores, or a prior that cannot change the choice) one.
-METHOD_PRIORS = [(method, prior) for method in ("pdrop", "sparsevlm", "himap") for prior in list(PRIORS)[1:]]
+METHOD_PRIORS = [
+    (method, prior) for method in ("pdrop", "sparsevlm", "himap", "tokencarve") for prior in list(PRIORS)[1:]
+]
 METHOD_PRIORS += [
     (method, "linear")
     for method in ("sparsevlm_merge", "sparsevlm_cluster", "pool", "pool_average", "fastervlm", "random")
