@@ -47,19 +47,23 @@ class HiMAP(PruningMethod):
     def text_guided(rows: TextRows, seq_index: torch.Tensor) -> torch.Tensor:
         """(B, N) float64: the attention of every real text token to each visual token at `seq_index`
         (B, N), summed over the text rows (rows before an image are 0 there: the causal mask)."""
-        index = seq_index[:, None, :].expand(-1, rows.attention.shape[1], -1)  # (B, Q, N)
-        to_visual = rows.attention.gather(2, index).double() * rows.valid[..., None]  # (B, Q, N)
-        return to_visual.sum(dim=1)
+        summed = torch.bmm(rows.valid.to(rows.attention.dtype)[:, None, :], rows.attention)[
+            :, 0
+        ]  # (B, L_cur)
+        return summed.gather(1, seq_index).double()
 
     @staticmethod
     def image_guided(rows: ImageRows, inputs: ScoringInputs) -> torch.Tensor:
         """(B, N) float64: the attention the remaining prunable tokens of the same image pay each visual
-        token, summed over those query rows (official: the square image block of layer K-1)."""
+        token, summed over those query rows (official: the square image block of layer K-1). Per image, the
+        rows are summed first ((B, Q) x (B, Q, L_cur)), so nothing of size Q x N is built."""
         layout = inputs.layout
-        index = layout.seq_index[:, None, :].expand(-1, rows.attention.shape[1], -1)  # (B, Q, N)
-        to_visual = rows.attention.gather(2, index).double()  # (B, Q, N)
         query_image = layout.image_index.gather(1, rows.tokens)  # (B, Q)
-        query_prunable = layout.prunable.gather(1, rows.tokens) & rows.valid  # (B, Q)
-        same_image = query_image[:, :, None] == layout.image_index[:, None, :]  # (B, Q, N)
-        counted = same_image & query_prunable[..., None]
-        return (to_visual * counted).sum(dim=1)
+        query_counts = layout.prunable.gather(1, rows.tokens) & rows.valid  # (B, Q)
+        scores = torch.zeros(layout.seq_index.shape, dtype=torch.float64, device=rows.attention.device)
+        for image in range(int(layout.images_per_sample.max()) if scores.numel() else 0):
+            weight = (query_counts & (query_image == image)).to(rows.attention.dtype)  # (B, Q)
+            summed = torch.bmm(weight[:, None, :], rows.attention)[:, 0]  # (B, L_cur)
+            of_image = layout.image_index == image  # (B, N)
+            scores = torch.where(of_image, summed.gather(1, layout.seq_index).double(), scores)
+        return scores
