@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import internvl_reference
 import gemma3_reference
+import internvl_reference
 import next_reference
 import onevision_reference
 import qwen3_reference
@@ -358,6 +358,9 @@ INTERNVL = Family(
     # The vision tower runs all views of a batch together: its fp32 sums differ in the last bits.
     batch_atol=1e-4,
     vision_cls=False,  # each token merges 2 x 2 patches (pixel shuffle): no [CLS] row per token
+)
+
+
 # ---------------------------------------------------------------------------------------------- Gemma 3
 
 GEMMA3 = Family(

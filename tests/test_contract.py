@@ -190,6 +190,8 @@ METHOD_CASES: dict[str, tuple[str, int | list[int], dict, bool, str]] = {
     "vispruner": ("vispruner", 0, {}, True, "none"),
     "prumerge": ("prumerge_plus", 0, {}, False, "none"),  # the adaptive (data-dependent) count
     "prumerge_fixed": ("prumerge_plus", 0, {"adaptive": False, "merge": False}, True, "none"),
+    "himap": ("himap", [1, 3], {}, True, "linear"),
+    "tokencarve": ("tokencarve", 2, {}, True, "exponential"),
 }
 # Presets that read the vision tower (LLaVA-NeXT's pruner needs the image sizes; no [CLS]: skipped).
 VISION_PRESETS = ("fastervlm", "visionzip", "vispruner", "prumerge_plus")
@@ -197,10 +199,12 @@ VISION_PRESETS = ("fastervlm", "visionzip", "vispruner", "prumerge_plus")
 # (with every token kept, a prior changes nothing: pore_linear / pore_exponential run as FastV does).
 # (PruMerge's adaptive count never keeps everything: its fixed-budget case without the merge does.)
 KEEP_ALL = [(method, "sdpa") for method in METHOD_CASES if method != "prumerge"]
-KEEP_ALL += [(method, "eager") for method in ("fastv", "pdrop", "sparsevlm", "random")]
+KEEP_ALL += [(method, "eager") for method in ("fastv", "pdrop", "sparsevlm", "random", "himap", "tokencarve")]
 # Pruning: the other attention-scored methods meet every prior (FastV does in the tests above); the others
 # (their own scores, or a prior that cannot change the choice) one.
-METHOD_PRIORS = [(method, prior) for method in ("pdrop", "sparsevlm") for prior in list(PRIORS)[1:]]
+METHOD_PRIORS = [
+    (method, prior) for method in ("pdrop", "sparsevlm", "himap", "tokencarve") for prior in list(PRIORS)[1:]
+]
 METHOD_PRIORS += [
     (method, "linear")
     for method in ("sparsevlm_merge", "sparsevlm_cluster", "pool", "pool_average", "fastervlm", "random")

@@ -25,6 +25,7 @@ FOR_THE_EMBEDDED_MODEL = {
     "pore_authors_fastv": {"keep": 16},
     "pore_authors_pdrop": {"layer": [1, 2, 3]},
     "pore_authors_sparsevlm": {"layer": [1, 2, 3], "keep": [32, 16, 8]},
+    "pore_authors_himap": {"keep": [16, 8]},
     "sparsevlm": {"layer": [1, 2, 3], "keep": [32, 16, 8]},
     "sparsevlm_128": {"layer": [1, 2, 3], "keep": [32, 16, 8]},
     "sparsevlm_96": {"layer": [1, 2, 3], "keep": [24, 12, 6]},
@@ -108,7 +109,7 @@ def test_every_preset_runs_through_the_python_api_on_the_embedded_model(embedded
 
 
 def test_unknown_presets_list_the_files() -> None:
-    with pytest.raises(UnknownNameError, match="choose one of: fastervlm, fastv, none, pdrop"):
+    with pytest.raises(UnknownNameError, match="choose one of: fastervlm, fastv, himap, none, pdrop"):
         build_strategy("fastvv")
 
 

@@ -17,9 +17,14 @@ the compacted length: what PyramidDrop, SparseVLM and FasterVLM do by removing t
 (default): the method's own choice (`PruningMethod.official_positions`; docs/methods.md).
 
 `strategy.reference_depth` says that `layer` is written for a language model of that many layers: on a model
-of another depth the layers are scaled proportionally (round(K * depth / reference_depth)). The PyramidDrop
-presets split a 32-layer LLM into four equal stages (8/16/24), so they set 32: a 40-layer LLM prunes before
-10/20/30, the 4-layer embedded model before 1/2/3. null = the layers as written.
+of another depth the layers are scaled proportionally (round(K * depth / reference_depth); stages that round
+to the same layer move up one layer each, where the model has room). The PyramidDrop presets split a 32-layer
+LLM into four equal stages (8/16/24), so they set 32: a 40-layer LLM prunes before 10/20/30, the 4-layer
+embedded model before 1/2/3; HiMAP's 2/8 becomes 1/2 there. null = the layers as written.
+
+A method says which half of PoRe it takes (`PruningMethod.prior_use`): attention-scored methods any prior,
+[CLS]-attention methods only padding suppression, similarity / diversity methods none; `resolve` refuses
+the rest in one line, as it refuses more stages than a method has a rule for (`PruningMethod.max_stages`).
 """
 
 from __future__ import annotations
@@ -53,6 +58,14 @@ class PruningStage:
         if self.keep is not None:
             return int(self.keep)
         return max(1, round(self.ratio * tokens_in_image))
+
+
+def _spread(layers: tuple[int, ...]) -> tuple[int, ...]:
+    """Scaled layers made increasing: a stage that rounds onto the previous one's layer moves up one."""
+    spread: list[int] = []
+    for layer in layers:
+        spread.append(max(layer, spread[-1] + 1) if spread else layer)
+    return tuple(spread)
 
 
 def _as_tuple(value: Any) -> Any:
@@ -264,7 +277,8 @@ class Strategy:
         reference, lowest = self.reference_depth, self.lowest_layer
         scaled = self.layers
         if num_layers is not None and reference is not None and num_layers != reference:
-            scaled = tuple(max(lowest, round(layer * num_layers / reference)) for layer in self.layers)
+            rounded = tuple(max(lowest, round(layer * num_layers / reference)) for layer in self.layers)
+            scaled = _spread(rounded)
             fits_reference = all(lowest <= k < reference for k in self.layers)
             broken = any(b <= a for a, b in itertools.pairwise(scaled)) or scaled[-1] >= num_layers
             if fits_reference and broken:
@@ -277,7 +291,7 @@ class Strategy:
                 )
                 raise ValueError(
                     f"strategy.layer={list(self.layers)} (written for a {reference}-layer language model) "
-                    f"does not scale to this {num_layers}-layer model (it gives {list(scaled)}); set "
+                    f"does not scale to this {num_layers}-layer model (it gives {list(rounded)}); set "
                     f"increasing layers in [{lowest}, {num_layers - 1}], {fix}"
                 )
             if not fits_reference:  # the layers as written are wrong: say so in the model's own terms

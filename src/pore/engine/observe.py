@@ -4,7 +4,8 @@ nothing else, and hand it over per visual token.
 | request               | captured by                                        | kept in                       |
 |-----------------------|----------------------------------------------------|-------------------------------|
 | `LastTokenAttention`, | the tap on layer K-1's attention (own layer:       | `Prefill.stage_captures`      |
-| `TextAttention`       | on layer K's, run once more by `before_pruning`)   |                               |
+| `TextAttention`,      | on layer K's, run once more by `before_pruning`);  |                               |
+| `ImageAttention`      | a request with a `stage` only at that stage        |                               |
 | `DecoderHiddenStates` | a pre-hook on layer K+offset (offset 0: the        | `Prefill.stage_captures`      |
 |                       | pruning hook's input, `before_pruning`)            |                               |
 | `DecoderKeys`         | the tap on layer K+offset's attention              | `Prefill.stage_captures`      |
@@ -42,7 +43,9 @@ from pore.methods.requests import (
     VISION_REQUESTS,
     DecoderHiddenStates,
     DecoderKeys,
+    ImageAttention,
     ImageEmbeddings,
+    ImageRows,
     LastTokenAttention,
     PromptEmbeddings,
     Request,
@@ -67,6 +70,18 @@ def text_slots(
     count = int(is_text.sum(dim=1).max())
     order = torch.argsort((~is_text).to(torch.int8), dim=1, stable=True)[:, :count]  # (B, Q)
     return order, is_text.gather(1, order)
+
+
+def visual_queries(
+    alive: torch.Tensor, position: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The visual tokens still in the sequence as queries, left-aligned: (B, Q) their slot n, (B, Q) bool
+    valid, (B, Q) long their position in the current sequence (0 for padding of the Q axis); from `alive`
+    (B, N) and the current `position` (B, N)."""
+    count = int(alive.sum(dim=1).max()) if alive.numel() else 0
+    tokens = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :count]  # (B, Q)
+    valid = alive.gather(1, tokens)
+    return tokens, valid, position.gather(1, tokens).masked_fill(~valid, 0)
 
 
 def tokens_of_sequence(values: torch.Tensor, position: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
@@ -141,6 +156,8 @@ class Observer:
                 continue
             for stage, layer in enumerate(self.layers):
                 if isinstance(request, ATTENTION_REQUESTS):
+                    if not request.serves(stage):
+                        continue
                     scoring_layer = layer if request.own_layer else layer - 1
                     module = self.adapter.attention_module(decoder_layers[scoring_layer])
                     tap.switch(language_config)
@@ -225,6 +242,11 @@ class Observer:
             return
         if isinstance(request, LastTokenAttention):
             prefill.stage_captures[request] = query_attention(query, key, mask, scaling)[:, 0]  # (B, L_cur)
+            return
+        if isinstance(request, ImageAttention):
+            tokens, valid, positions = visual_queries(prefill.alive, prefill.position)  # (B, Q)
+            attention = query_attention(query, key, mask, scaling, positions)  # (B, Q, L_cur)
+            prefill.stage_captures[request] = ImageRows(attention * valid[..., None], valid, tokens)
             return
         positions, valid = text_slots(
             prefill.layout, prefill.input_ids, prefill.current_padding, prefill.origin
@@ -312,6 +334,8 @@ class Observer:
         observed = dict(prefill.prompt_observations)
         for request in self.requests:
             if isinstance(request, ATTENTION_REQUESTS):
+                if not request.serves(stage):
+                    continue
                 if request not in prefill.stage_captures:
                     layer = self.layers[stage] - (0 if request.own_layer else 1)
                     raise RuntimeError(

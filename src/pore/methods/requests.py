@@ -40,6 +40,12 @@ class Request:
         """The smallest pruning layer K at which the engine can serve this request."""
         return 0
 
+    def serves(self, stage: int) -> bool:
+        """Whether the engine captures this request for pruning stage `stage` (a request with a `stage`
+        field: that stage only; every other request: every stage)."""
+        wanted = getattr(self, "stage", None)
+        return wanted is None or wanted == stage
+
 
 # ------------------------------------------------------------------------------ language-model attention
 
@@ -68,9 +74,34 @@ class TextRows(NamedTuple):
 @dataclass(frozen=True)
 class TextAttention(Request):
     """`TextRows`: the attention every real text token of the prompt pays the current sequence, in layer K-1
-    (or layer K with `own_layer`, as `LastTokenAttention`). SparseVLM's raters."""
+    (or layer K with `own_layer`, as `LastTokenAttention`). SparseVLM's raters. `stage`: captured for that
+    pruning stage only (HiMAP's text-guided first stage); None: every stage."""
 
     own_layer: bool = False
+    stage: int | None = None
+
+    @property
+    def lowest_layer(self) -> int:
+        return 1
+
+
+class ImageRows(NamedTuple):
+    """What `ImageAttention` delivers."""
+
+    attention: torch.Tensor  # (B, Q, L_cur) float32: each visual query's attention, mean over heads
+    valid: torch.Tensor  # (B, Q) bool: a real query (not padding of the Q axis)
+    tokens: torch.Tensor  # (B, Q) long: the visual token (slot n of `inputs.layout`) of each query
+
+
+@dataclass(frozen=True)
+class ImageAttention(Request):
+    """`ImageRows`: the attention every visual token still in the sequence pays the current sequence (its
+    row of the attention map), in layer K-1 (or layer K with `own_layer`). HiMAP's image-to-image scores.
+    Only these rows are computed (their count is the visual tokens still there, not the sequence's length).
+    `stage`: captured for that pruning stage only (HiMAP's second stage); None: every stage."""
+
+    own_layer: bool = False
+    stage: int | None = None
 
     @property
     def lowest_layer(self) -> int:
@@ -184,4 +215,4 @@ class DecoderKeys(Request):
 
 VISION_REQUESTS = (VisionHiddenStates, VisionAttention, VisionKeys)
 DECODER_REQUESTS = (DecoderHiddenStates, DecoderKeys)
-ATTENTION_REQUESTS = (LastTokenAttention, TextAttention)
+ATTENTION_REQUESTS = (LastTokenAttention, TextAttention, ImageAttention)
