@@ -91,9 +91,12 @@ def test_himap_preset_is_the_authors_setting() -> None:
         0.5,
     )
     assert not prior.budget_from_unpadded  # topk(TXT_ATTN_RANK) of the masked scores: no budget cut
-    # A benchmark the authors did not calibrate falls back to the preset's sigma.
-    resolved = strategy.resolve(ModelFacts("llava", 32, pads_to_square=True), data="spatial")
-    assert resolved.prior.hyperparameters() == {"sigma": 1.073}
+    # A benchmark the authors did not calibrate is refused in one line; a sigma typed runs it.
+    facts = ModelFacts("llava", 32, pads_to_square=True)
+    with pytest.raises(ValueError, match=r"no sigma for data.name='spatial'.*strategy.prior.sigma=<value>"):
+        strategy.resolve(facts, data="spatial")
+    typed = build_strategy("pore_authors_himap", prior={"sigma": 1.073}).resolve(facts, data="spatial")
+    assert typed.prior.hyperparameters() == {"sigma": 1.073}
 
 
 def test_tokencarve_preset_is_the_authors_setting() -> None:
@@ -108,5 +111,9 @@ def test_tokencarve_preset_is_the_authors_setting() -> None:
         0.5,
     )
     assert not prior.budget_from_unpadded
-    resolved = strategy.resolve(ModelFacts("llava", 32, pads_to_square=True), data="spatial")
-    assert resolved.prior.hyperparameters() == {"sigma": 0.813}
+    # A benchmark the authors did not calibrate is refused in one line; a sigma typed runs it.
+    facts = ModelFacts("llava", 32, pads_to_square=True)
+    with pytest.raises(ValueError, match=r"no sigma for data.name='spatial'.*strategy.prior.sigma=<value>"):
+        strategy.resolve(facts, data="spatial")
+    typed = build_strategy("pore_authors_tokencarve", prior={"sigma": 0.813}).resolve(facts, data="spatial")
+    assert typed.prior.hyperparameters() == {"sigma": 0.813}
