@@ -166,8 +166,9 @@ def test_other_layer_kinds_are_refused_clearly() -> None:
 
 
 def test_vision_tower_requests_are_refused(model) -> None:
-    with pytest.raises(NotImplementedError, match="vision"):
-        Pruner(model, build_strategy("fastervlm", keep=3, layer=2)).attach()
+    refusal = r"fastervlm scores with the vision tower's .* gemma3 models do not give"
+    with pytest.raises(ValueError, match=refusal):
+        Pruner(model, build_strategy("fastervlm", keep=3, layer=2))
 
 
 # ------------------------------------------------------------------------------- python src/run.py, offline
@@ -230,7 +231,7 @@ def test_run_py_end_to_end_on_a_tiny_checkpoint(gemma3_checkpoint, vqa_benchmark
 
 
 def test_fastervlm_is_refused_with_the_reason(gemma3_checkpoint, vqa_benchmark, tmp_path) -> None:
-    """SigLIP has no [CLS]: FasterVLM stops when the pruner attaches (after the weights load), saying why."""
+    """SigLIP has no [CLS]: FasterVLM is refused in one line (exit 2) before the weights load, saying why."""
     from pipeline_fixtures import run_program
 
     result = run_program(
@@ -245,8 +246,9 @@ def test_fastervlm_is_refused_with_the_reason(gemma3_checkpoint, vqa_benchmark, 
         "strategy=fastervlm",
         "strategy.keep=4",
     )
-    assert result.returncode != 0
-    assert "the gemma3 adapter has no vision [CLS] attention to score with" in result.stderr
+    assert result.returncode == 2  # one line, before the weights load
+    assert "fastervlm scores with the vision tower's [CLS] attention" in result.stderr
+    assert "gemma3 models do not give" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x" / "predictions.jsonl").exists()
 
 

@@ -185,10 +185,11 @@ def test_run_py_end_to_end_with_each_method(
 
 
 def test_run_py_refuses_fastervlm(checkpoint: Path, benchmark: Path, tmp_path: Path) -> None:
-    """Refused when the pruner attaches (not yet a one-line exit 2 before the weights load)."""
+    """Refused in one line (exit 2) when the strategy is resolved against the family: before the weights."""
     result = run(checkpoint, benchmark, tmp_path / "fastervlm", "fastervlm")
-    assert result.returncode != 0
-    assert "the internvl adapter has no vision [CLS] attention to score with" in result.stderr
+    assert result.returncode == 2  # one line, before the weights load
+    assert "fastervlm scores with the vision tower's [CLS] attention" in result.stderr
+    assert "internvl models do not give" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("config", ["internvl3_1b", "internvl3_2b", "internvl3_8b", "internvl3_14b"])

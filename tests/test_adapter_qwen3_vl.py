@@ -222,11 +222,11 @@ def test_run_py_end_to_end_with_each_method(
 
 
 def test_run_py_refuses_fastervlm(checkpoint: Path, benchmark: Path, tmp_path: Path) -> None:
-    """Refused when the pruner attaches, as for Qwen2-VL (the refusal is not yet a one-line exit 2 before the
-    weights load: the engine's attach raises it)."""
+    """Refused in one line (exit 2) when the strategy is resolved against the family: before the weights."""
     result = run(checkpoint, benchmark, tmp_path / "fastervlm", "fastervlm")
-    assert result.returncode != 0
-    assert "the qwen3_vl adapter has no vision [CLS] attention to score with" in result.stderr
+    assert result.returncode == 2  # one line, before the weights load
+    assert "fastervlm scores with the vision tower's [CLS] attention" in result.stderr
+    assert "qwen3_vl models do not give" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("config", ["qwen3_vl_2b", "qwen3_vl_4b", "qwen3_vl_8b", "qwen3_vl_30b_a3b"])

@@ -38,6 +38,7 @@ from typing import Any, Literal
 from pore.adapters.base import ModelFacts
 from pore.errors import did_you_mean
 from pore.methods import METHODS
+from pore.methods.requests import VISION_REQUESTS
 from pore.priors import PriorConfig
 from pore.priors.base import BY_DATA
 
@@ -333,7 +334,16 @@ class Strategy:
         return wanted
 
     def _check_model(self, model: ModelFacts) -> None:
-        """Budgets against the model's image tokens; padding suppression against the family and the run."""
+        """Budgets against the model's image tokens; padding suppression against the family and the run; a
+        method that reads the vision tower against a family whose tower gives nothing per visual token."""
+        method = METHODS.get(self.method)
+        reads_tower = method.vision_attention or any(isinstance(r, VISION_REQUESTS) for r in method.requests)
+        if reads_tower and model.vision_requests is False:
+            raise ValueError(
+                f"{self.method} scores with the vision tower's [CLS] attention / features per visual token, "
+                f"which {model.family} models do not give (no [CLS] token, or tokens that merge patches); "
+                "choose a method scored by the language model's attention (e.g. strategy=fastv)"
+            )
         if model.image_tokens is not None:
             for stage in self.stages():
                 if stage.keep is not None and stage.keep > model.image_tokens:

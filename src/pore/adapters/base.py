@@ -104,6 +104,9 @@ class ModelFacts:
     multimodal_rope: bool = False  # 3-D M-RoPE positions (Qwen2-VL): kept tokens keep their positions
     pads_to_square: bool = False  # the family can encode images padded to a square (padding suppression)
     images_padded: bool | None = None  # whether this run's preprocessing padded them (None: not known)
+    # whether the vision tower's per-position outputs ([CLS] attention, keys, hidden states) map to visual
+    # tokens, for methods that read them (FasterVLM, VisionZip, ...); None: not known (not checked)
+    vision_requests: bool | None = None
 
 
 class ModelAdapter(ABC):
@@ -124,6 +127,9 @@ class ModelAdapter(ABC):
     multimodal_rope: bool = False
     #: whether the vision tower encodes an image as several views (LLaVA-NeXT: the base image and its tiles)
     encodes_views: bool = False
+    #: whether `vision_encoder` / `vision_token_index` map the vision tower's positions to visual tokens (a
+    #: [CLS] row per token: CLIP towers); methods that read the tower are refused before the weights load
+    vision_requests: bool = False
     #: whether the language model adds features to tokens after its first layers (`take_layer_features`)
     adds_layer_features: bool = False
 
@@ -153,6 +159,7 @@ class ModelAdapter(ABC):
             multimodal_rope=cls.multimodal_rope,
             pads_to_square=cls.pads_to_square,
             images_padded=images_padded,
+            vision_requests=cls.vision_requests,
         )
 
     def __init__(self, model: nn.Module) -> None:

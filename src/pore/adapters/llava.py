@@ -46,6 +46,7 @@ class LlavaAdapter(ModelAdapter):
     # llava-hf processor centre-crops (CLIPImageProcessor, `do_pad` false), protocol=llava pads; the pipeline
     # passes that to the Pruner as `images_padded`.
     pads_to_square = True
+    vision_requests = True  # CLIP: one [CLS] row per patch, one patch per visual token
 
     classes = ("LlavaForConditionalGeneration", "LlavaModel")
     model_types = ("llava",)

@@ -88,6 +88,7 @@ class LlavaNextAdapter(ModelAdapter):
     name = "llava_next"
     default_frame: PositionFrame = "image"
     encodes_views = True  # the base image and its tiles
+    vision_requests = True  # CLIP views: each visual token is one patch of one view
     processor_class = "LlavaNextProcessor"  # named in errors: the processor that writes the placeholders
 
     classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")

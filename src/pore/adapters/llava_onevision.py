@@ -60,6 +60,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     #: whether every frame of a video is an item of its own (its own budget) instead of the whole video
     budget_per_frame: bool = False
     encodes_views = False  # no vision requests: nothing maps the tower's positions to tokens here
+    vision_requests = False  # SigLIP: no [CLS]; shrunk grids mix patches
     processor_class = "LlavaOnevisionProcessor"
 
     classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
