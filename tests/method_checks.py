@@ -6,8 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from families import Family
+from families import Family, positions_from_mask
 from pore import Pruner, Strategy
+
+
+def batch_inputs(family: Family) -> dict:
+    """The family's padded batch for a plain forward, with the positions generate() would compute (LLaVA's
+    forward counts them from the padding otherwise, and key norms after RoPE depend on them)."""
+    inputs = family.batch()
+    if family.forward_positions and "attention_mask" in inputs:
+        return {**inputs, "position_ids": positions_from_mask(inputs["attention_mask"])}
+    return inputs
 
 
 def language_model_inputs(family: Family, model: torch.nn.Module, b: int) -> torch.Tensor:

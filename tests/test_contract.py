@@ -186,6 +186,7 @@ METHOD_CASES: dict[str, tuple[str, int | list[int], dict, bool, str]] = {
     "fastervlm": ("fastervlm", 2, {}, True, "linear"),
     "random": ("random", 2, {}, True, "exponential_index"),
     "divprune": ("divprune", 0, {}, True, "none"),  # takes no prior (similarity / diversity)
+    "dart": ("dart", 2, {"budget": "exact", "image_pivots": 1, "text_pivots": 1}, True, "none"),
 }
 # Keeping everything: every method with SDPA, those that read attention (and random) with eager attention too
 # (with every token kept, a prior changes nothing: pore_linear / pore_exponential run as FastV does).
@@ -198,7 +199,7 @@ METHOD_PRIORS += [
     (method, "linear")
     for method in ("sparsevlm_merge", "sparsevlm_cluster", "pool", "pool_average", "fastervlm", "random")
 ]
-METHOD_PRIORS += [(method, "none") for method in ("divprune",)]  # no prior: the method's own choice
+METHOD_PRIORS += [(method, "none") for method in ("divprune", "dart")]  # no prior: the method's own choice
 
 
 def staged(value: float | int, layer: int | list[int]) -> float | int | list:
