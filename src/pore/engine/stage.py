@@ -49,6 +49,7 @@ class StageRunner:
         self.method = method
         self.observer = observer
         self.positions = strategy.positions
+        self.texts: list[str] | None = None  # the next prefill's instruction texts (`Pruner.set_texts`)
 
     def prune_prompt(
         self, stage: int, state: HookState, hidden: torch.Tensor, kwargs: dict, sizes: ImageSizes | None
@@ -61,6 +62,7 @@ class StageRunner:
         if prefill.stage != stage:
             raise RuntimeError(f"pruning stage {stage} ran before stage {prefill.stage}")
         inputs = self.observer.scoring_inputs(prefill, stage, self.stages[stage].budget)
+        inputs.texts = self.texts
         kept_visual, weighted = self._select(stage, inputs, sizes)
         hidden, kept_visual = self.method.recycle(inputs, hidden, kept_visual, weighted)
         if bool((kept_visual & ~prefill.alive).any()):

@@ -83,6 +83,9 @@ class ScoringInputs:
     input_embeddings: torch.Tensor | None = None
     # Everything the method requested, by request.
     observations: Mapping[Request, Any] = field(default_factory=dict)
+    # Each sample's instruction text (`Pruner.set_texts`; the pipeline hands the questions), or None when
+    # nobody set them: for instruction-conditioned methods (CDPruner).
+    texts: list[str] | None = None
 
     def __getitem__(self, request: Request) -> Any:
         """What `request` observed for this stage (its docstring gives the shape)."""
