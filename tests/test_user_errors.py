@@ -57,7 +57,7 @@ CASES = [
     (
         ["strategy=fastvv"],
         "run",
-        "unknown strategy 'fastvv' (did you mean fastv?); choose one of: fastervlm,",
+        "unknown strategy 'fastvv' (did you mean fastv?); choose one of: ",  # sorted; grows with methods
     ),
     (["model="], "run", "model= names no model; choose one of: llava15_13b, llava15_7b,"),
     (["data=gqaa"], "run", "unknown data 'gqaa' (did you mean gqa?); choose one of: gqa, mmbench,"),
