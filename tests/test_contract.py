@@ -192,6 +192,8 @@ METHOD_CASES: dict[str, tuple[str, int | list[int], dict, bool, str]] = {
     "prumerge_fixed": ("prumerge_plus", 0, {"adaptive": False, "merge": False}, True, "none"),
     "himap": ("himap", [1, 3], {}, True, "linear"),
     "tokencarve": ("tokencarve", 2, {}, True, "exponential"),
+    "divprune": ("divprune", 0, {}, True, "none"),  # takes no prior (similarity / diversity)
+    "dart": ("dart", 2, {"budget": "exact", "image_pivots": 1, "text_pivots": 1}, True, "none"),
 }
 # Presets that read the vision tower (LLaVA-NeXT's pruner needs the image sizes; no [CLS]: skipped).
 VISION_PRESETS = ("fastervlm", "visionzip", "vispruner", "prumerge_plus")
@@ -210,6 +212,7 @@ METHOD_PRIORS += [
     for method in ("sparsevlm_merge", "sparsevlm_cluster", "pool", "pool_average", "fastervlm", "random")
 ]
 METHOD_PRIORS += [(method, "none") for method in ("visionzip", "vispruner", "prumerge", "prumerge_fixed")]
+METHOD_PRIORS += [(method, "none") for method in ("divprune", "dart")]  # no prior: the method's own choice
 
 
 def staged(value: float | int, layer: int | list[int]) -> float | int | list:

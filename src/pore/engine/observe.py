@@ -350,12 +350,25 @@ class Observer:
                     raise RuntimeError(
                         f"decoder layer {layer} did not report {request}; is the model hooked?"
                     )
+                if isinstance(request, DecoderHiddenStates) and request.final_norm:
+                    captured = self._final_norm(captured)
                 observed[request] = (
                     captured
                     if request.sequence
                     else tokens_of_sequence(captured, prefill.position, prefill.alive)
                 )
         return self._with_named_fields(prefill, stage, budget, observed)
+
+    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, L_cur, D) through the language model's final norm (`DecoderHiddenStates(final_norm=True)`)."""
+        norm = getattr(self.adapter.language_model(), "norm", None)
+        if norm is None:
+            raise NotImplementedError(
+                f"DecoderHiddenStates(final_norm=True) needs a language model with a final `norm`; "
+                f"{type(self.adapter.language_model()).__name__} has none"
+            )
+        with torch.no_grad():
+            return norm(hidden)
 
     def _with_named_fields(
         self, prefill: Prefill, stage: int, budget: Callable[[int], int], observed: dict[Request, Any]

@@ -211,6 +211,12 @@ class Pruner:
         does not hand `image_sizes` to the forward."""
         self._image_sizes = sizes
 
+    def set_texts(self, texts: list[str] | None) -> None:
+        """The instruction text of every sample, for the next prefill: what instruction-conditioned methods
+        (CDPruner) rank the image tokens against (`ScoringInputs.texts`). The pipeline hands each batch's
+        questions; from Python, call it before `generate()`."""
+        self._runner.texts = texts
+
     def _check_supported(self) -> None:
         config = self.adapter.language_model().config
         layer_types = getattr(config, "layer_types", None) or []
@@ -365,7 +371,7 @@ class Pruner:
             self._observer.before_pruning(stage, module, hidden, layer_kwargs)
             hidden, record = self._runner.prune_prompt(stage, self._state, hidden, kwargs, self._image_sizes)
             if record is not None:
-                self.last_record, self._image_sizes = record, None
+                self.last_record, self._image_sizes, self._runner.texts = record, None, None
             args, kwargs = (
                 ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
             )

@@ -69,6 +69,7 @@ class StageRunner:
         self._rope_per_kind = (
             rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
         )
+        self.texts: list[str] | None = None  # the next prefill's instruction texts (`Pruner.set_texts`)
 
     def prune_prompt(
         self, stage: int, state: HookState, hidden: torch.Tensor, kwargs: dict, sizes: ImageSizes | None
@@ -81,6 +82,7 @@ class StageRunner:
         if prefill.stage != stage:
             raise RuntimeError(f"pruning stage {stage} ran before stage {prefill.stage}")
         inputs = self.observer.scoring_inputs(prefill, stage, self.stages[stage].budget)
+        inputs.texts = self.texts
         not_padding = self._not_padding(stage, inputs, sizes)
         kept_visual, weighted = self._select(stage, inputs, not_padding)
         hidden, kept_visual = self.method.recycle(inputs, hidden, kept_visual, weighted)

@@ -86,6 +86,9 @@ class ScoringInputs:
     # (B, N) the method's own scores at this stage, before the prior's weights and padding suppression: set by
     # the engine after `score`, for a `recycle` that ranks by them (SparseVLM's official recycling).
     method_scores: torch.Tensor | None = None
+    # Each sample's instruction text (`Pruner.set_texts`; the pipeline hands the questions), or None when
+    # nobody set them: for instruction-conditioned methods (CDPruner).
+    texts: list[str] | None = None
 
     def __getitem__(self, request: Request) -> Any:
         """What `request` observed for this stage (its docstring gives the shape)."""

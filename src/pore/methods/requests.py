@@ -179,10 +179,12 @@ class PromptEmbeddings(Request):
 class DecoderHiddenStates(Request):
     """(B, N, D): the input hidden states of decoder layer K + `offset` at each visual token still in the
     sequence (`offset=0`: what layer K receives before this stage prunes; at the first stage equal to the
-    unpruned model's `output_hidden_states[K + offset]`). `sequence=True`: (B, L_cur, D), every slot."""
+    unpruned model's `output_hidden_states[K + offset]`). `sequence=True`: (B, L_cur, D), every slot.
+    `final_norm=True`: through the language model's final norm (`language_model.norm`), as DART compares."""
 
     offset: int = 0
     sequence: bool = False
+    final_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.offset > 0:

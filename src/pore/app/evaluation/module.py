@@ -157,6 +157,7 @@ class VLMEvaluator(L.LightningModule):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         if self.pruner is not None:
             self.pruner.set_image_sizes(batch.image_sizes)
+            self.pruner.set_texts([sample.text for sample in batch.samples])
             self.pruner.last_record = None  # a record left by the previous batch must not pass for this one
         prompt_length = inputs["input_ids"].shape[1]
         output_ids, seconds_per_sample, fidelity = self._timed_generate(inputs, len(batch.samples))
