@@ -38,12 +38,14 @@ def test_unknown_names_list_the_valid_ones() -> None:
     with pytest.raises(
         UnknownNameError,
         # Sorted by name; the names before fastervlm (cdpruner, dart, divprune, ...) grow with the methods.
-        match=r"choose one of: ([a-z_0-9]+, )*fastervlm, fastv, himap, none, pdrop, pool, pool_average, pore_",
+        match=r"choose one of: ([a-z_0-9]+, )*fastervlm, fastv, himap, none, pdrop, pool, pool_average, "
+        r"pore_",
     ):
         build_strategy("fastvv")
     with pytest.raises(
         UnknownNameError,
-        match=r"choose one of: ([a-z_0-9]+, )*fastervlm, fastv, himap, none, pdrop, pool, prumerge, random, sparsevlm",
+        match=r"choose one of: ([a-z_0-9]+, )*fastervlm, fastv, himap, none, pdrop, pool, prumerge, random, "
+        r"sparsevlm",
     ):
         Strategy(method="sparse").resolve()
     with pytest.raises(ValueError, match="unknown strategy settings"):
