@@ -153,18 +153,20 @@ def test_missing_text_encoder_text_or_support_is_one_clear_line() -> None:
         pytest.raises(ValueError, match=r"call pruner\.set_texts"),
     ):
         family.model("sdpa")(**family.sample(0))
-    # LLaVA-NeXT: the official per-view rule is not implemented; Qwen's ViT: no vision-tower requests.
-    for name, match in (("llava_next", "several views"), ("qwen2_vl", "VisionHiddenStates")):
-        family = FAMILIES[name]
-        with (
-            pytest.raises(NotImplementedError, match=match),
-            torch.no_grad(),
-            Pruner(family.model("sdpa"), strategy, family.adapter) as pruner,
-        ):
-            pruner.set_texts(["x"] * len(family.images))
-            if family.sizes is not None:
-                pruner.set_image_sizes(family.sizes(None))
-            family.model("sdpa")(**family.batch())
+    # LLaVA-NeXT: the official per-view rule is not implemented (refused when the prompt arrives).
+    family = FAMILIES["llava_next"]
+    with (
+        pytest.raises(NotImplementedError, match="several views"),
+        torch.no_grad(),
+        Pruner(family.model("sdpa"), strategy, family.adapter) as pruner,
+    ):
+        pruner.set_texts(["x"] * len(family.images))
+        if family.sizes is not None:
+            pruner.set_image_sizes(family.sizes(None))
+        family.model("sdpa")(**family.batch())
+    # Qwen's ViT gives no vision-tower features per token: refused when the strategy meets the family.
+    with pytest.raises(ValueError, match=r"cdpruner scores with the vision tower's .* qwen2_vl models do"):
+        Pruner(FAMILIES["qwen2_vl"].model("sdpa"), strategy)
 
 
 def test_run_on_the_embedded_model_keeps_16_tokens_per_image(tmp_path: Path) -> None:

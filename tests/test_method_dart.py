@@ -72,11 +72,20 @@ def reference_kept(family: Family, b: int, keep: int, pivots: int) -> list[list[
     """Per image of sample b alone, the official kept set as raster indices."""
     model = family.model("sdpa")
     inputs = family.sample(b)
+    # Layer K's input as the layer receives it: `output_hidden_states` records each layer's output before
+    # the features Qwen3-VL adds after its first layers (DeepStack), so read it with a pre-hook instead.
+    received: list[torch.Tensor] = []
+    language_model = model.model.language_model
+    hook = language_model.layers[LAYER].register_forward_pre_hook(
+        lambda module, args, kwargs: received.append(args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True,
+    )
     with torch.no_grad():
-        out = model(**inputs, use_cache=True, output_hidden_states=True)
+        out = model(**inputs, use_cache=True)
         keys = out.past_key_values.layers[LAYER - 1].keys[0]  # (H_kv, L, d), after RoPE
         keys = keys.transpose(0, 1).flatten(1)  # (L, H_kv * d)
-        states = model.model.language_model.norm(out.hidden_states[LAYER][0])  # (L, D)
+        states = language_model.norm(received[0][0])  # (L, D)
+    hook.remove()
     visual = set((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0].tolist())
     length = inputs["input_ids"].shape[1]
     kept = []
