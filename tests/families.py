@@ -406,6 +406,7 @@ FAMILIES: dict[str, Family] = {
         INTERNVL,
         # One budget per video frame: on these image-only samples it must behave exactly as qwen2_vl.
         qwen_family("qwen2_vl", adapter="qwen2_vl_frames"),
+        dataclasses.replace(qwen3_family("qwen3_vl"), name="qwen3_vl_frames", adapter="qwen3_vl_frames"),
         GEMMA3,
     )
 }

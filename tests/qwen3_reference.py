@@ -82,29 +82,47 @@ def _mask(config, hidden: torch.Tensor):
     )
 
 
+def _rows(features) -> torch.Tensor:
+    """(M, D): one DeepStack layer's features, which transformers >= 5.23 splits per image (video)."""
+    return features if torch.is_tensor(features) else torch.cat(list(features))
+
+
 def reference_pruned_logits(
     model, inputs: dict, layer: int, kept: torch.Tensor, with_deepstack: bool = True
 ) -> torch.Tensor:
     """Logits (1, L', V) of one unpadded sample whose tokens outside `kept` are removed by hand from decoder
     layer `layer` on, with their DeepStack features; kept tokens keep their original 3-D M-RoPE positions.
-    `with_deepstack=False` leaves the DeepStack features out (to show that a test would see them missing)."""
+    Images and videos: each kind's features from the model's own encoder, the DeepStack rows of both in
+    sequence order (as the model joins them). `with_deepstack=False` leaves the DeepStack features out (to
+    show that a test would see them missing)."""
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 1
     base, config = model.model, model.config
     language_model = base.language_model
     with torch.no_grad():
         hidden = base.get_input_embeddings()(input_ids)  # (1, L, D)
-        vision = base.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-        visual = input_ids[0] == config.image_token_id  # (L,) the image tokens, which get DeepStack
-        hidden[0, visual] = torch.cat(list(vision.pooler_output)).to(hidden.dtype)
-        # (M, D) per DeepStack layer: transformers >= 5.23 splits each layer's features per image
-        deepstack = [
-            layer_features if torch.is_tensor(layer_features) else torch.cat(list(layer_features))
-            for layer_features in vision.deepstack_features
-        ]
-        row = torch.cumsum(visual.long(), 0) - 1  # (L,) feature row of each image token
+        kinds = {  # placeholder mask (L,) -> the encoder's outputs for that kind
+            "image": (input_ids[0] == config.image_token_id, "pixel_values", "image_grid_thw"),
+            "video": (input_ids[0] == config.video_token_id, "pixel_values_videos", "video_grid_thw"),
+        }
+        visual = kinds["image"][0] | kinds["video"][0]  # (L,) the tokens that get DeepStack features
+        deepstack: list[torch.Tensor] = []  # (M, D) per DeepStack layer, rows in sequence order
+        for kind, (mask, pixels, grid) in kinds.items():
+            if inputs.get(pixels) is None:
+                continue
+            encode = base.get_image_features if kind == "image" else base.get_video_features
+            vision = encode(inputs[pixels], inputs[grid])
+            hidden[0, mask] = torch.cat(list(vision.pooler_output)).to(hidden.dtype)
+            for index, features in enumerate(vision.deepstack_features):
+                if index == len(deepstack):
+                    deepstack.append(hidden.new_zeros(int(visual.sum()), hidden.shape[-1]))
+                deepstack[index][mask[visual]] = _rows(features).to(hidden.dtype)
+        row = torch.cumsum(visual.long(), 0) - 1  # (L,) DeepStack row of each visual token
         positions, _ = base.get_rope_index(
-            input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
+            input_ids,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
         )  # (3, 1, L)
         cos, sin = language_model.rotary_emb(hidden, positions)  # (1, L, head_dim) each
         mask = _mask(language_model.config, hidden)
@@ -118,5 +136,67 @@ def reference_pruned_logits(
             )
             if with_deepstack and index < len(deepstack):
                 hidden = hidden.clone()
-                hidden[0, visual] = hidden[0, visual] + deepstack[index][row[visual]].to(hidden.dtype)
+                hidden[0, visual] = hidden[0, visual] + deepstack[index][row[visual]]
         return model.lm_head(language_model.norm(hidden))
+
+
+# ------------------------------------------------------------------------------------------------- video
+
+# Prompts with videos, as Qwen3VLProcessor writes them: every frame (temporal patch) its own run,
+# `<t seconds>` <|vision_start|> <|video_pad|> x (h / 2)(w / 2) <|vision_end|>, the timestamp being text.
+# Items: ("video", t, h, w) or ("image", h, w), in patches (8 px; 2 x 2 patches per token).
+VIDEO_SAMPLES: list[tuple[list[int], list[tuple]]] = [
+    ([41, 42], [("video", 2, 4, 6), ("image", 4, 4)]),  # frames of 2 x 3 tokens, then a 2 x 2 image
+    ([43, 44, 45, 46], [("image", 4, 8), ("video", 3, 4, 4)]),  # a 2 x 4 image, then 3 frames of 2 x 2
+]
+TIMESTAMP = 30  # token id of the frames' timestamps (any text token: `<0.5 seconds>` is text)
+
+
+def _video_sample(index: int, seed: int) -> tuple[list[int], list[list[int]], dict]:
+    """(input ids, sequence positions of each item's tokens, pixels) of VIDEO_SAMPLES[index], unpadded."""
+    config = tiny_model("qwen3_vl").config
+    vision = config.vision_config
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    start, end = config.vision_start_token_id, config.vision_end_token_id
+    question, items = VIDEO_SAMPLES[index]
+    ids, spans = [1], []
+    pixels: dict[str, list[torch.Tensor]] = {"image": [], "video": [], "image_grid": [], "video_grid": []}
+    for i, item in enumerate(items):
+        generator = torch.Generator().manual_seed(1000 * seed + 10 * index + i)
+        kind, (t, h, w) = item[0], (item[1:] if item[0] == "video" else (1, *item[1:]))
+        token = config.video_token_id if kind == "video" else config.image_token_id
+        span = []
+        for frame in range(t):
+            ids += ([TIMESTAMP + frame] if kind == "video" else []) + [start]
+            span += range(len(ids), len(ids) + h * w // 4)
+            ids += [token] * (h * w // 4) + [end]
+        spans.append(span)
+        pixels[kind].append(torch.randn(t * h * w, patch, generator=generator))
+        pixels[f"{kind}_grid"].append(torch.tensor([[t, h, w]]))
+    return ids + question, spans, pixels
+
+
+def video_inputs(indices: Sequence[int] = (0, 1), seed: int = 0) -> tuple[dict, list[list[list[int]]]]:
+    """The model's inputs for VIDEO_SAMPLES[indices] (left-padded batch; pixels depend on (seed, sample,
+    item) only, so a sample alone has the pixels it has in a batch) and, per sample, the sequence positions
+    of each item's tokens (by construction, not read from the inputs)."""
+    config = tiny_model("qwen3_vl").config
+    samples = [_video_sample(index, seed) for index in indices]
+    length = max(len(ids) for ids, _, _ in samples)
+    pad = processor().tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (length - len(ids)) + ids for ids, _, _ in samples])
+    spans = [[[p + length - len(ids) for p in span] for span in item] for ids, item, _ in samples]
+    attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids, _, _ in samples])
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == config.image_token_id).long()
+        + 2 * (input_ids == config.video_token_id).long(),
+    }
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if any(pixels[kind] for _, _, pixels in samples):
+            inputs[key] = torch.cat([x for _, _, pixels in samples for x in pixels[kind]])
+            inputs[f"{kind}_grid_thw"] = torch.cat(
+                [x for _, _, pixels in samples for x in pixels[f"{kind}_grid"]]
+            )
+    return inputs, spans

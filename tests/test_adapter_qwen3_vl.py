@@ -22,12 +22,14 @@ from pore.testing.tiny_qwen3_vl import ImageOnlyQwen3VLProcessor, build_tiny_qwe
 from qwen3_reference import (
     FAMILIES,
     SAMPLES,
+    VIDEO_SAMPLES,
     make_inputs,
     processor,
     prunable,
     reference_pruned_logits,
     sample_inputs,
     tiny_model,
+    video_inputs,
 )
 from qwen_reference import kept_positions
 
@@ -151,6 +153,157 @@ def test_keeping_everything_adds_the_deepstack_features_as_the_model_does() -> N
             kept_all = model(**inputs).logits
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(kept_all[real], plain[real], atol=1e-5, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------------- video
+
+
+def video_reference_kept(family: str, inputs: dict, spans: list[list[int]], layer: int, keep: int):
+    """FastV's choice per item (a video is one item) for one unpadded sample, from eager attention: the
+    top-`keep` of the last prompt token's attention in layer `layer - 1` (mean over heads), earlier token
+    first on ties; as sorted indices inside each item, frame after frame."""
+    with torch.no_grad():
+        attention = tiny_model(family, "eager")(**inputs, output_attentions=True).attentions[layer - 1]
+    last = attention[0, :, -1].mean(dim=0)  # (L,)
+    return [sorted(sorted(range(len(s)), key=lambda i, s=s: (-float(last[s[i]]), i))[:keep]) for s in spans]
+
+
+def test_video_layout_is_frame_row_col_with_one_item_per_video() -> None:
+    """Frames are runs of their own (timestamps between them): the layout still makes each video one item,
+    in prompt order with the images, with (frame, row, col) counted inside each frame; generate()'s way of
+    calling the forward in transformers >= 5.23 (M-RoPE positions and the encoder's outputs, no grids) gives
+    the same layout, and positions alone are refused (frames cannot be put back into videos)."""
+    model = tiny_model("qwen3_vl")
+    inputs, spans = video_inputs()
+    adapter = adapter_for(model)
+    layout = adapter.visual_layout(inputs["input_ids"], inputs)
+    # sample 0: a video of 2 frames of 2 x 3 tokens, then a 2 x 2 image
+    valid = layout.valid[0]
+    assert layout.seq_index[0][valid].tolist() == spans[0][0] + spans[0][1]
+    assert layout.image_index[0][valid].tolist() == [0] * 12 + [1] * 4
+    assert layout.frame[0][valid].tolist() == [0] * 6 + [1] * 6 + [0] * 4
+    assert layout.row[0][valid].tolist() == [0, 0, 0, 1, 1, 1] * 2 + [0, 0, 1, 1]
+    assert layout.col[0][valid].tolist() == [0, 1, 2] * 4 + [0, 1] * 2
+    # sample 1: a 2 x 4 image, then a video of 3 frames of 2 x 2
+    valid = layout.valid[1]
+    assert layout.seq_index[1][valid].tolist() == spans[1][0] + spans[1][1]
+    assert layout.image_index[1][valid].tolist() == [0] * 8 + [1] * 12
+    assert layout.frame[1][valid].tolist() == [0] * 8 + [0] * 4 + [1] * 4 + [2] * 4
+    assert layout.grid_w[1][valid].tolist() == [4] * 8 + [2] * 12
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=inputs["video_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )  # (3, B, L)
+    with torch.no_grad():
+        encoded = model.model.get_video_features(
+            inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True
+        )
+    by_positions = adapter.visual_layout(
+        inputs["input_ids"], {"position_ids": positions, "mm_encoder_outputs": {"video": encoded}}
+    )
+    for field in ("seq_index", "image_index", "row", "col", "grid_h", "grid_w", "frame", "valid"):
+        assert torch.equal(getattr(by_positions, field), getattr(layout, field)), field
+    with pytest.raises(ValueError, match="needs video_grid_thw \\(or the video encoder's outputs\\)"):
+        adapter.visual_layout(inputs["input_ids"], {"position_ids": positions})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_video_tokens_are_pruned_with_one_budget_per_video_as_the_references(family: str) -> None:
+    """FastV keeps its top-3 of each video (all frames together) and of each image, as the eager reference;
+    the pruned forward equals removing the dropped tokens and their DeepStack features by hand (and differs
+    without the DeepStack features, so the video tokens' features are seen); generate() keeps the same."""
+    model = tiny_model(family)
+    for b in range(len(VIDEO_SAMPLES)):
+        inputs, spans = video_inputs([b])
+        unpadded = {key: value for key, value in inputs.items() if key != "attention_mask"}
+        with torch.no_grad(), Pruner(model, build_strategy("fastv", keep=KEEP, layer=2)) as pruner:
+            pruned = model(**unpadded).logits
+            kept = pruner.last_record.kept_raster
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            assert (
+                pruner.last_record.kept_raster == kept
+            )  # generate()'s prefill placed the video the same way
+        assert kept == [video_reference_kept(family, unpadded, spans[0], 2, KEEP)]
+        dropped = {
+            s[i]
+            for s, chosen in zip(spans[0], kept[0], strict=True)
+            for i in set(range(len(s))) - set(chosen)
+        }
+        positions = torch.tensor([p for p in range(inputs["input_ids"].shape[1]) if p not in dropped])
+        torch.testing.assert_close(
+            pruned, reference_pruned_logits(model, unpadded, 2, positions), atol=1e-5, rtol=0
+        )
+        without = reference_pruned_logits(model, unpadded, 2, positions, with_deepstack=False)
+        assert (pruned - without).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_video_pruned_before_inside_or_after_deepstack_equals_the_hand_reference(layer: int) -> None:
+    """Random pruning before decoder layer 0 / 1 (video tokens dropped before some DeepStack additions) or 3
+    (after all of them) equals the hand reference for prompts with videos and images."""
+    model = tiny_model("qwen3_vl")
+    for b in range(len(VIDEO_SAMPLES)):
+        inputs, spans = video_inputs([b])
+        inputs.pop("attention_mask")
+        with torch.no_grad(), Pruner(model, build_strategy("random", keep=KEEP, layer=layer)) as pruner:
+            pruned = model(**inputs).logits
+        chosen = pruner.last_record.kept_raster[0]
+        kept = {s[i] for s, items in zip(spans[0], chosen, strict=True) for i in items}
+        every = {p for s in spans[0] for p in s}
+        positions = torch.tensor(
+            [p for p in range(inputs["input_ids"].shape[1]) if p not in every or p in kept]
+        )
+        torch.testing.assert_close(
+            pruned, reference_pruned_logits(model, inputs, layer, positions), atol=1e-5, rtol=0
+        )
+
+
+def test_a_padded_batch_with_videos_equals_each_sample_alone_and_keep_all_equals_untouched() -> None:
+    """Two prompts of different lengths (a video then an image; an image then a longer video): keeping
+    everything equals the untouched model; pruning (different token counts per sample) gives each sample's
+    last logits and kept set as it has alone."""
+    model = tiny_model("qwen3_vl")
+    inputs, _ = video_inputs()
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with Pruner(model, build_strategy("fastv", keep=None, ratio=1.0, layer=1)):
+            torch.testing.assert_close(model(**inputs).logits[real], plain[real], atol=1e-5, rtol=0)
+        with Pruner(model, build_strategy("fastv", keep=None, ratio=0.4, layer=1)) as pruner:
+            batch = model(**inputs).logits[:, -1]  # (B, V)
+            batch_kept = pruner.last_record.kept_raster
+            for b in range(len(VIDEO_SAMPLES)):
+                alone, _ = video_inputs([b])
+                assert torch.equal(alone["input_ids"][0], inputs["input_ids"][b][real[b]])
+                last = model(**alone).logits[:, -1]
+                assert pruner.last_record.kept_raster == [batch_kept[b]]
+                torch.testing.assert_close(batch[b : b + 1], last, atol=1e-4, rtol=0)
+
+
+def test_budget_per_frame_keeps_the_budget_in_every_frame_and_carries_deepstack() -> None:
+    """model.adapter=qwen3_vl_frames: every frame of a video is an item with its own top-2 (the eager
+    reference within the frame), DeepStack included (the by-hand forward)."""
+    model = tiny_model("qwen3_vl")
+    inputs, spans = video_inputs([0])
+    inputs.pop("attention_mask")
+    video, image = spans[0]
+    frames = [video[:6], video[6:], image]
+    with (
+        torch.no_grad(),
+        Pruner(model, build_strategy("fastv", keep=2, layer=2), "qwen3_vl_frames") as pruner,
+    ):
+        pruned = model(**inputs).logits
+    assert pruner.last_record.kept_raster == [video_reference_kept("qwen3_vl", inputs, frames, 2, 2)]
+    kept = {s[i] for s, items in zip(frames, pruner.last_record.kept_raster[0], strict=True) for i in items}
+    positions = torch.tensor(
+        [p for p in range(inputs["input_ids"].shape[1]) if p not in set(video + image) or p in kept]
+    )
+    torch.testing.assert_close(
+        pruned, reference_pruned_logits(model, inputs, 2, positions), atol=1e-5, rtol=0
+    )
 
 
 # ------------------------------------------------------------------------------------------ run.py end to end

@@ -179,3 +179,8 @@ def pre_encoded_images(image_inputs: Mapping[str, Any]) -> Any | None:
     """The image encoder's outputs when generate() ran it before the prefill (transformers >= 5.23), else
     None. A `ModelOutput` whose `pooler_output` holds one (tokens, D) tensor per image."""
     return (image_inputs.get(PRE_ENCODED_IMAGES_KEY) or {}).get("image")
+
+
+def pre_encoded_videos(image_inputs: Mapping[str, Any]) -> Any | None:
+    """The same for videos: `pooler_output` holds one (tokens, D) tensor per video (all its frames)."""
+    return (image_inputs.get(PRE_ENCODED_IMAGES_KEY) or {}).get("video")

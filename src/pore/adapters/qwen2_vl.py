@@ -96,8 +96,8 @@ class Qwen2VLAdapter(ModelAdapter):
         elif position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] in (3, 4):
             # transformers >= 5.23's generate() encodes the images before the prefill and no longer hands
             # image_grid_thw to the forward; the 3-D M-RoPE positions it hands instead hold the same grid.
-            image, row, col, grid_h, grid_w, frame = self._place_by_positions(
-                is_visual, seq_index, valid, position_ids
+            image, row, col, grid_h, grid_w, frame = self._place_without_grids(
+                input_ids, seq_index, valid, position_ids, inputs
             )
         else:
             raise ValueError(
@@ -171,6 +171,18 @@ class Qwen2VLAdapter(ModelAdapter):
         frame = within // per_frame[image]
         row, col = in_frame // width, in_frame % width
         return image - first_image[:, None], row, col, rows_per_image[image], width, frame
+
+    def _place_without_grids(
+        self,
+        input_ids: torch.Tensor,
+        seq_index: torch.Tensor,
+        valid: torch.Tensor,
+        position_ids: torch.Tensor,
+        inputs: Mapping[str, Any],
+    ) -> tuple[torch.Tensor, ...]:
+        """(image_index, row, col, grid_h, grid_w, frame), each (B, N), when the forward received M-RoPE
+        positions instead of grids: Qwen2-VL writes each image and each video as one run of placeholders."""
+        return self._place_by_positions(self.visual_token_mask(input_ids), seq_index, valid, position_ids)
 
     @staticmethod
     def _place_by_positions(
