@@ -182,6 +182,10 @@ PIPELINE_METHODS = {
     "sparsevlm": ["strategy.layer=[1,2,3]"],
     "pool": [],
     "random": [],
+    "dart": [],
+    "divprune": [],
+    "himap": [],
+    "tokencarve": [],
 }
 
 

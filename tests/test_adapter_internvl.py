@@ -133,6 +133,10 @@ RUNS = {
     "pool": [],
     "pdrop": [],
     "sparsevlm": ["strategy.layer=[1,2,3]", "strategy.keep=[12,8,4]"],
+    "dart": [],
+    "divprune": [],
+    "himap": [],
+    "tokencarve": [],
 }
 
 

@@ -320,6 +320,10 @@ RUNS = {
     "pool": [],
     "pdrop": [],
     "sparsevlm": ["strategy.layer=[1,2,3]", "strategy.keep=[6,4,2]"],
+    "dart": [],
+    "divprune": [],
+    "himap": [],
+    "tokencarve": [],
 }
 
 
