@@ -11,6 +11,7 @@ construction, the attention kernels.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,29 @@ def profile_prefill(
     table = profiler.key_averages().table(sort_by=sort_by, row_limit=40)
     # The table goes into the JSON report (one file fewer to fetch back from a GPU machine).
     return {"trace": str(trace), "steps": PROFILED_STEPS, "sorted_by": sort_by, "table": table}
+
+
+def is_profile_target(settings: Any, setting: Any) -> bool:
+    """Whether `bench.profile=true` profiles this setting: the largest batch, the smallest pruned budget, the
+    first strategy (or FastV) of each pruning approach."""
+    pruned = [b for b in settings.budgets if b < max(settings.budgets)]
+    return (
+        setting.batch == max(settings.batch_sizes)
+        and bool(pruned)
+        and setting.budget == min(pruned)
+        and setting.approach in ("pruned", "ideal", "fastv_eager")
+        and setting.strategy in (None, settings.strategies[0], "fastv")
+    )
+
+
+def profile_setting(
+    setting: Any,
+    prefill: Callable[[], Any],
+    added: list[tuple[str, nn.Module, bool, bool]],
+    device: torch.device,
+    settings: Any,
+) -> dict[str, Any]:
+    """The profile of one setting's prefill, labelled with the setting (`Setting` of the bench runner)."""
+    stem = f"{setting.approach}-{setting.strategy or 'none'}-{setting.implementation}-b{setting.batch}"
+    stem += f"-k{setting.budget}"
+    return {"setting": asdict(setting), **profile_prefill(prefill, added, device, settings, stem)}

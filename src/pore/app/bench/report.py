@@ -75,8 +75,6 @@ def _paired_difference(record: dict[str, Any], ideal: dict[str, Any] | None, lab
 
 def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per pruned setting (batch x backend x budget x strategy) with every ratio of the issue."""
-    from pore.app.bench.runner import SCORING_ATTENTION, VISION
-
     ok: dict[Key, dict[str, Any]] = {
         (r["batch"], r["implementation"], r["approach"], r["budget"], r["strategy"]): r
         for r in results
@@ -107,48 +105,59 @@ def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         unpruned = find(batch, implementation, "unpruned")
         ideal = find(batch, implementation, "ideal", budget)
         eager = find(batch, "eager", "fastv_eager", budget)
-        eager_base = find(batch, "eager", "unpruned")
-        pruned_ms, unpruned_ms, ideal_ms = (_median(r, "prefill_ms") for r in (record, unpruned, ideal))
-        vision = _span(unpruned, VISION)
-        lm = (
-            (unpruned_ms - vision, pruned_ms - vision)
-            if None not in (unpruned_ms, vision, pruned_ms)
-            else (None, None)
-        )
-        hooks = _median(record, "hooks_ms")
-        scoring_attention = _paired_difference(record, ideal, SCORING_ATTENTION)
-        overhead = None if hooks is None else hooks + max(scoring_attention or 0.0, 0.0)
-        eager_ms = _median(eager, "prefill_ms")
-        row.update(
-            {
-                "prefill_ms": pruned_ms,
-                "unpruned_ms": unpruned_ms,
-                "ideal_ms": ideal_ms,
-                "vision_ms": vision,
-                "speedup": _ratio(unpruned_ms, pruned_ms),
-                "ideal_speedup": _ratio(unpruned_ms, ideal_ms),
-                "achieved_over_ideal": _ratio(ideal_ms, pruned_ms),
-                "lm_speedup": _ratio(*lm),
-                "hooks_ms": hooks,
-                "scoring_attention_ms": scoring_attention,
-                "ideal_hooks_ms": _median(ideal, "hooks_ms"),
-                "overhead_ms": None if overhead is None else round(overhead, 4),
-                "overhead_pct": None if overhead is None else round(100 * overhead / pruned_ms, 3),
-                "pruned_minus_ideal_ms": None if ideal_ms is None else round(pruned_ms - ideal_ms, 4),
-                "tokens_per_s": record.get("tokens_per_s"),
-                "unpruned_tokens_per_s": (unpruned or {}).get("tokens_per_s"),
-                "generate_speedup": _ratio(_median(unpruned, "generate_ms"), _median(record, "generate_ms")),
-                "memory_ratio_prefill": _ratio(_peak(record, "prefill"), _peak(unpruned, "prefill")),
-                "memory_ratio_generate": _ratio(_peak(record, "generate"), _peak(unpruned, "generate")),
-                "peak_memory_mb": _peak(record, "prefill"),
-                "eager_fastv_ms": eager_ms,
-                "eager_fastv_speedup": _ratio(unpruned_ms, eager_ms),
-                "eager_fastv_speedup_vs_eager": _ratio(_median(eager_base, "prefill_ms"), eager_ms),
-                "ours_vs_eager_fastv": _ratio(eager_ms, pruned_ms),
-            }
-        )
+        row.update(_ratios(record, unpruned, ideal, eager, find(batch, "eager", "unpruned")))
         rows.append(row)
     return rows
+
+
+def _ratios(
+    record: dict[str, Any],
+    unpruned: dict | None,
+    ideal: dict | None,
+    eager: dict | None,
+    eager_base: dict | None,
+) -> dict[str, Any]:
+    """A pruned setting's times and ratios against the unpruned model, the ideal reduction and eager FastV
+    of the same batch and backend (None where one of them is missing)."""
+    from pore.app.bench.entry import SCORING_ATTENTION, VISION
+
+    pruned_ms, unpruned_ms, ideal_ms = (_median(r, "prefill_ms") for r in (record, unpruned, ideal))
+    vision = _span(unpruned, VISION)
+    lm = (
+        (unpruned_ms - vision, pruned_ms - vision)
+        if None not in (unpruned_ms, vision, pruned_ms)
+        else (None, None)
+    )
+    hooks = _median(record, "hooks_ms")
+    scoring_attention = _paired_difference(record, ideal, SCORING_ATTENTION)
+    overhead = None if hooks is None else hooks + max(scoring_attention or 0.0, 0.0)
+    eager_ms = _median(eager, "prefill_ms")
+    return {
+        "prefill_ms": pruned_ms,
+        "unpruned_ms": unpruned_ms,
+        "ideal_ms": ideal_ms,
+        "vision_ms": vision,
+        "speedup": _ratio(unpruned_ms, pruned_ms),
+        "ideal_speedup": _ratio(unpruned_ms, ideal_ms),
+        "achieved_over_ideal": _ratio(ideal_ms, pruned_ms),
+        "lm_speedup": _ratio(*lm),
+        "hooks_ms": hooks,
+        "scoring_attention_ms": scoring_attention,
+        "ideal_hooks_ms": _median(ideal, "hooks_ms"),
+        "overhead_ms": None if overhead is None else round(overhead, 4),
+        "overhead_pct": None if overhead is None else round(100 * overhead / pruned_ms, 3),
+        "pruned_minus_ideal_ms": None if ideal_ms is None else round(pruned_ms - ideal_ms, 4),
+        "tokens_per_s": record.get("tokens_per_s"),
+        "unpruned_tokens_per_s": (unpruned or {}).get("tokens_per_s"),
+        "generate_speedup": _ratio(_median(unpruned, "generate_ms"), _median(record, "generate_ms")),
+        "memory_ratio_prefill": _ratio(_peak(record, "prefill"), _peak(unpruned, "prefill")),
+        "memory_ratio_generate": _ratio(_peak(record, "generate"), _peak(unpruned, "generate")),
+        "peak_memory_mb": _peak(record, "prefill"),
+        "eager_fastv_ms": eager_ms,
+        "eager_fastv_speedup": _ratio(unpruned_ms, eager_ms),
+        "eager_fastv_speedup_vs_eager": _ratio(_median(eager_base, "prefill_ms"), eager_ms),
+        "ours_vs_eager_fastv": _ratio(eager_ms, pruned_ms),
+    }
 
 
 def check_targets(
@@ -358,7 +367,7 @@ def render(report: dict[str, Any], warnings: bool = True) -> str:
         f"clock: {report.get('clock', '?')}"
     )
     skipped = "".join(f"\nskipped {s['implementation']}: {s['reason']}" for s in report["skipped"])
-    from pore.app.bench.runner import VISION
+    from pore.app.bench.entry import VISION
 
     vision = [
         f"batch {r['batch']}: {r['spans_ms'][VISION]:.1f} ms"

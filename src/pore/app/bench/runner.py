@@ -21,8 +21,8 @@ import logging
 import os
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import asdict
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,58 +30,16 @@ from transformers import GenerationConfig
 
 from pore import Pruner, adapter_for, build_strategy
 from pore.app.bench.architecture import Architecture, build_model, count_parameters, describe
+from pore.app.bench.entry import SCORING_ATTENTION, VISION, Attachable, Entry, Setting, entry_record
 from pore.app.bench.fastv_eager import EagerFastV
 from pore.app.bench.probes import Probe, added_hooks, hook_table
-from pore.app.bench.profile import profile_prefill
+from pore.app.bench.profile import is_profile_target, profile_setting
 from pore.app.bench.reduce import IdealReducer
 from pore.app.bench.settings import BenchSettings, implementation_problem
-from pore.app.bench.timing import Summary, clock_for, free_memory, is_out_of_memory, peak_memory_mb
+from pore.app.bench.timing import clock_for, free_memory, is_out_of_memory, peak_memory_mb
 from pore.app.bench.workload import Workload, make_workload
 
 log = logging.getLogger("pore.bench")
-
-# Labels of the whole-module brackets; every other span is a hook chain the attached object added.
-VISION = "vision_tower"
-SCORING_ATTENTION = "attention_layer_k-1"
-
-
-@dataclass(frozen=True)
-class Setting:
-    batch: int
-    implementation: str  # attention backend of the language model
-    approach: str  # unpruned | pruned | ideal | fastv_eager
-    budget: int  # image tokens kept per image from layer K on (all of them for unpruned)
-    strategy: str | None = None
-
-    def label(self) -> str:
-        name = self.approach if self.strategy is None else f"{self.approach}:{self.strategy}"
-        return f"batch={self.batch} {self.implementation} {name} keep={self.budget}"
-
-
-class Attachable(Protocol):
-    """What the approaches share: attach() / detach() (a Pruner, a SequenceReducer)."""
-
-    def attach(self) -> Any: ...
-
-    def detach(self) -> None: ...
-
-
-@dataclass(eq=False)
-class Entry:
-    """One setting during a batch's sweep: how to set the model up, and what was measured so far."""
-
-    setting: Setting
-    attention: str | dict[str, str]  # for model.set_attn_implementation
-    factory: Callable[[], Attachable] | None  # None = the model as is
-    status: str = "ok"  # of the prefill measurements (ok | oom | error); not ok = nothing more is measured
-    generate_status: str = "ok"  # of the generation measurements
-    error: str | None = None
-    times: dict[str, list[float]] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-    probe_runs: list[dict[str, float]] = field(default_factory=list)  # one {label: ms} per instrumented run
-    hook_labels: set[str] = field(default_factory=set)  # the probe labels that are the attached hooks
-    attached: Attachable | None = None
-    added: list[tuple[str, nn.Module, bool, bool]] = field(default_factory=list)
 
 
 class Runner:
@@ -250,7 +208,7 @@ class Runner:
         finally:
             model.set_attn_implementation(base)
         for entry in entries:
-            record = self._finish(entry, workload)
+            record = entry_record(entry, workload, self.settings.new_tokens)
             log.info("%s", _one_line(entry.setting, record))
             self.results.append(record)
             if on_result is not None:
@@ -326,8 +284,9 @@ class Runner:
             prefill()  # no memory peak on a CPU, but the kept-token count below reads this prefill
         out["peak_memory_mb"] = {"prefill": memory}
         out["kept_image_tokens"] = _kept_image_tokens(entry.attached, entry.setting)
-        if self.settings.profile and self._is_profile_target(entry.setting):
-            self.profiles.append(self._profile(entry.setting, prefill, entry.added))
+        if self.settings.profile and is_profile_target(self.settings, entry.setting):
+            profile = profile_setting(entry.setting, prefill, entry.added, self.device, self.settings)
+            self.profiles.append(profile)
 
     def _generate_details(self, entry: Entry, workload: Workload, generate: Callable[[], Any]) -> None:
         """A check that generate makes exactly `new_tokens` tokens (also its warm-up), and its peak memory."""
@@ -335,32 +294,6 @@ class Runner:
         if produced != self.settings.new_tokens:
             raise RuntimeError(f"generate produced {produced} tokens, not {self.settings.new_tokens}")
         entry.details.setdefault("peak_memory_mb", {})["generate"] = peak_memory_mb(generate, self.device)
-
-    def _finish(self, entry: Entry, workload: Workload) -> dict[str, Any]:
-        settings, setting = self.settings, entry.setting
-        record: dict[str, Any] = {**asdict(setting), "status": entry.status}
-        record["tokens_from_layer_k"] = workload.length - workload.image_tokens + setting.budget
-        if entry.status != "ok":
-            if entry.error:
-                record["error"] = entry.error
-            return record
-        record["prefill_ms"] = Summary.of(entry.times["prefill_ms"]).as_dict()
-        record.update(self._probe_summary(entry))
-        record.update(entry.details)
-        if entry.generate_status != "ok":
-            record["generate_status"] = entry.generate_status
-            if entry.error:
-                record["error"] = entry.error
-        elif entry.times.get("generate_ms"):
-            summary = Summary.of(entry.times["generate_ms"])
-            record["generate_ms"] = summary.as_dict()
-            record["tokens_per_s"] = round(workload.batch * settings.new_tokens / (summary.median / 1e3), 2)
-            decode_ms = summary.median - record["prefill_ms"]["median"]
-            decode_tokens = workload.batch * (settings.new_tokens - 1)
-            record["decode_tokens_per_s"] = (
-                round(decode_tokens / (decode_ms / 1e3), 2) if decode_ms > 0 and decode_tokens else None
-            )
-        return record
 
     def _probe_once(self, entry: Entry, prefill: Callable[[], Any]) -> None:
         """One prefill with probes on the attached object's hook chains, the vision tower and layer K-1's
@@ -382,47 +315,6 @@ class Runner:
             probe.remove()
         entry.hook_labels = {f"{name}:pre-hooks" for name, _, pre, _ in entry.added if pre}
         entry.hook_labels |= {f"{name}:hooks" for name, _, _, post in entry.added if post}
-
-    @staticmethod
-    def _probe_summary(entry: Entry) -> dict[str, Any]:
-        runs = entry.probe_runs
-        if not runs:
-            return {}
-        labels = sorted({label for run in runs for label in run})
-        # Medians per label (a label missing from a run counts as 0: e.g. a hook that returned early).
-        spans = {
-            label: round(Summary.of([run.get(label, 0.0) for run in runs]).median, 4) for label in labels
-        }
-        hooks = Summary.of([sum(v for k, v in run.items() if k in entry.hook_labels) for run in runs])
-        return {
-            "spans_ms": spans,
-            "hooks_ms": hooks.as_dict() if entry.hook_labels else None,
-            # Per round, for paired differences against the ideal of the same round (see report.py).
-            "scoring_attention_samples_ms": [round(run.get(SCORING_ATTENTION, 0.0), 4) for run in runs],
-        }
-
-    # ------------------------------------------------------------------ profiling
-
-    def _is_profile_target(self, setting: Setting) -> bool:
-        settings = self.settings
-        pruned = [b for b in settings.budgets if b < max(settings.budgets)]
-        return (
-            setting.batch == max(settings.batch_sizes)
-            and bool(pruned)
-            and setting.budget == min(pruned)
-            and setting.approach in ("pruned", "ideal", "fastv_eager")
-            and setting.strategy in (None, settings.strategies[0], "fastv")
-        )
-
-    def _profile(
-        self, setting: Setting, prefill: Callable[[], Any], added: list[tuple[str, nn.Module, bool, bool]]
-    ) -> dict[str, Any]:
-        stem = f"{setting.approach}-{setting.strategy or 'none'}-{setting.implementation}-b{setting.batch}"
-        stem += f"-k{setting.budget}"
-        return {
-            "setting": asdict(setting),
-            **profile_prefill(prefill, added, self.device, self.settings, stem),
-        }
 
     # ------------------------------------------------------------------ results
 
