@@ -324,27 +324,49 @@ def tiny_qwen_config(
         initializer_range=initializer_range,
         use_sliding_window=False,
     )
+    vision = _vision_config(
+        family,
+        patch_size,
+        merge_size,
+        temporal_patch_size,
+        hidden,
+        vision_hidden,
+        vision_layers,
+        vision_heads,
+    )
+    vision["initializer_range"] = initializer_range
+    config_cls = Qwen2VLConfig if family == "qwen2_vl" else Qwen2_5_VLConfig
+    return config_cls(text_config=text, vision_config=vision, **ids)
+
+
+def _vision_config(
+    family: QwenFamily,
+    patch_size: int,
+    merge_size: int,
+    temporal_patch_size: int,
+    hidden: int,
+    vision_hidden: int,
+    vision_layers: int,
+    vision_heads: int,
+) -> dict[str, Any]:
+    """The vision tower's settings: Qwen2-VL's (`embed_dim`, MLP ratio) or Qwen2.5-VL's (windows of 2 x 2
+    merged tokens, full attention in the last block)."""
     vision: dict[str, Any] = dict(
         depth=vision_layers,
         num_heads=vision_heads,
         patch_size=patch_size,
         spatial_merge_size=merge_size,
         temporal_patch_size=temporal_patch_size,
-        initializer_range=initializer_range,
     )
     if family == "qwen2_vl":
-        vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
-        config_cls = Qwen2VLConfig
-    else:
-        vision.update(
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            out_hidden_size=hidden,
-            window_size=2 * merge_size * patch_size,
-            fullatt_block_indexes=[vision_layers - 1],
-        )
-        config_cls = Qwen2_5_VLConfig
-    return config_cls(text_config=text, vision_config=vision, **ids)
+        return vision | dict(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
+    return vision | dict(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        out_hidden_size=hidden,
+        window_size=2 * merge_size * patch_size,
+        fullatt_block_indexes=[vision_layers - 1],
+    )
 
 
 def build_tiny_qwen(
