@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pore.data.benchmark import Sample, SampleError, decode_video
-from pore.data.collate import PromptCollator, chat_prompt, media
+from pore.data.collate import PromptCollator, chat_prompt, media, video_arguments
 from qwen_reference import image, processor
 
 
@@ -66,6 +66,25 @@ def test_the_prompt_names_the_video_part_and_the_collator_refuses_a_processor_wi
     assert "<|vision_start|><|video_pad|><|vision_end|>what colour" in prompt
     with pytest.raises(ValueError, match=r"reads no videos: it needs its video processor .* torchvision"):
         PromptCollator(proc)([video])
+
+
+def test_video_arguments_keep_the_benchmarks_frames_and_give_their_rate() -> None:
+    """The processor gets each video's frames as the benchmark sampled them (no resampling: Qwen3-VL's video
+    processor samples by default) and their rate and indices (Qwen3-VL writes frame i's timestamp from them);
+    samples without a video are skipped, the order is the samples' order."""
+    clip = decode_video(frames(3))
+    samples = [
+        Sample("a", "q", ["x"], None, video=clip, video_fps=2.0),
+        Sample("b", "q", ["x"], image((28, 28), seed=1)),
+        Sample("c", "q", ["x"], None, video=clip[:2]),
+    ]
+    arguments = video_arguments(samples)
+    assert arguments["videos"] == [clip, clip[:2]]
+    assert arguments["do_sample_frames"] is False
+    assert arguments["video_metadata"] == [
+        {"total_num_frames": 3, "fps": 2.0, "frames_indices": [0, 1, 2]},
+        {"total_num_frames": 2, "fps": None, "frames_indices": [0, 1]},
+    ]
 
 
 def test_image_samples_are_collated_as_before_and_rows_without_media_fail() -> None:

@@ -60,6 +60,9 @@ class Sample:
     # The frames of a video question, in order (`decode_video`); the collator hands them to the processor as
     # `videos=` (a sample may have an image, a video, or both).
     video: list[Image.Image] | None = None
+    # Frames per second of `video` as given (the benchmark's sampling rate), for the processors that write
+    # timestamps (Qwen3-VL: frame i at i / video_fps seconds); None = unknown (Qwen3-VL then assumes 24).
+    video_fps: float | None = None
 
 
 def decode_image(value: Any) -> Image.Image:

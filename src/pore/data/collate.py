@@ -100,9 +100,22 @@ class PromptCollator:
                 "reads no videos: it needs its video processor (transformers builds it with torchvision: "
                 "pip install torchvision), or choose an image benchmark"
             )
-        return (
-            {"images": images} if not videos else {"videos": videos} | ({"images": images} if images else {})
-        )
+        if not videos:
+            return {"images": images}
+        return video_arguments(usable) | ({"images": images} if images else {})
+
+
+def video_arguments(samples: list[Sample]) -> dict[str, Any]:
+    """The processor's video arguments for the samples that have a video: the frames, no resampling (they
+    are the benchmark's sample of the clip; Qwen3-VL's processor would otherwise sample again, at 2 frames
+    per second of a clip it takes for 24 fps), and per video its metadata (frame count, the frames' rate,
+    their indices), from which Qwen3-VL's processor writes each frame's timestamp."""
+    videos = [sample.video for sample in samples if sample.video is not None]
+    metadata = [
+        {"total_num_frames": len(frames), "fps": sample.video_fps, "frames_indices": list(range(len(frames)))}
+        for sample, frames in ((s, s.video) for s in samples if s.video is not None)
+    ]
+    return {"videos": videos, "do_sample_frames": False, "video_metadata": metadata}
 
 
 def media(sample: Sample) -> tuple[str, ...]:
