@@ -140,6 +140,29 @@ def test_ideal_with_the_pruners_kept_tokens_equals_the_pruned_run(tiny_model, wo
     assert torch.equal(ideal_tokens, pruned_tokens)
 
 
+@pytest.mark.parametrize("layer", [1, 2])  # a global layer, a sliding-window layer
+def test_on_gemma3_the_ideal_gives_each_layer_kind_its_mask_rope_and_image_blocks(layer: int) -> None:
+    """Gemma 3 (layers alternate sliding-window and global attention with their own RoPE bases; the tokens of
+    one image attend to each other both ways; prompts longer than the window): the ideal given the pruner's
+    kept tokens computes exactly what the pruned run does, at the prompt and while generating."""
+    import gemma3_reference
+
+    model = gemma3_reference.tiny_model()
+    for b in range(len(gemma3_reference.PROMPTS)):
+        inputs = gemma3_reference.sample_inputs(b)
+        with torch.inference_mode():
+            with Pruner(model, build_strategy("fastv", keep=5, layer=layer)) as pruner:
+                pruned = model(**inputs).logits
+                pruned_tokens = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            kept = gemma3_reference.kept_positions(inputs, pruner.last_record.kept_raster[0])
+            with IdealReducer(model, layer, kept[None]):
+                ideal = model(**inputs).logits
+                ideal_tokens = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert ideal.shape == pruned.shape
+        torch.testing.assert_close(ideal, pruned, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ideal_tokens, pruned_tokens)
+
+
 @pytest.mark.parametrize("pruner_attention", ["sdpa", "eager"])
 def test_eager_fastv_keeps_the_same_tokens_as_our_pruner(tiny_model, workload, pruner_attention) -> None:
     inputs = workload.model_inputs()
@@ -188,10 +211,10 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch) -> None:
 
     original_mask = IdealReducer._mask
 
-    def out_of_memory_when_decoding(self, hidden, padding, cache):
+    def out_of_memory_when_decoding(self, hidden, padding, cache, *rest):
         if hidden.shape[1] == 1:
             out_of_memory()
-        return original_mask(self, hidden, padding, cache)
+        return original_mask(self, hidden, padding, cache, *rest)
 
     monkeypatch.setattr(EagerFastV, "select", out_of_memory)
     monkeypatch.setattr(IdealReducer, "_mask", out_of_memory_when_decoding)
@@ -248,6 +271,17 @@ def test_profile_writes_traces_with_the_hooks_named(tmp_path) -> None:
         )
         assert "pore:model.language_model.layers.2:pre-hooks" in profile["table"]
     assert all("generate_ms" not in r and r["status"] == "ok" for r in summary["results"])
+
+
+def test_a_family_whose_prompts_the_workload_cannot_build_is_refused_in_one_line() -> None:
+    """The workload writes LLaVA-1.5 prompts: a Gemma 3 architecture is refused before anything is built."""
+    from pore.app.bench.main import check_plan
+    from pore.errors import UserError
+    from pore.testing.tiny_gemma3 import build_tiny_gemma3
+
+    config = build_tiny_gemma3().config
+    with pytest.raises(UserError, match=r"is a gemma3 model, whose prompts it does not build yet"):
+        check_plan(BenchSettings(), Architecture("tiny-gemma3", "in memory", config, None))
 
 
 def test_a_model_too_large_for_the_machine_is_refused_with_a_hint(monkeypatch) -> None:

@@ -47,6 +47,15 @@ def failed_cells(report: dict[str, Any]) -> list[str]:
 def check_plan(settings: BenchSettings, architecture: Architecture) -> None:
     """What can be wrong with the settings for this model, said before the model is built."""
     config = architecture.config
+    family = adapter_class_for_config(config).name
+    if family != "llava":
+        # The workload writes LLaVA-1.5's prompt: one fixed grid of image_size / patch_size squared tokens.
+        raise UserError(
+            f"bench.py builds LLaVA-1.5-shaped prompts (one image of a fixed token grid); "
+            f"{architecture.name} is a {family} model, whose prompts it does not build yet: benchmark a "
+            "LLaVA-1.5 architecture "
+            "(bench.architecture=llava15_7b, llava15_small, or a LLaVA-1.5 checkpoint folder)"
+        )
     image_tokens = image_geometry(config)[0]
     if not any(budget < image_tokens for budget in settings.budgets):
         raise UserError(

@@ -3,9 +3,10 @@
 `SequenceReducer` drops positions exactly where the engine does (a forward pre-hook on decoder layer K) and
 hands layers K.. the same things the engine hands them: the kept hidden states, the kept tokens' RoPE
 embeddings and position ids (kept tokens keep their original positions), and a causal mask for the shorter
-sequence built by transformers' `create_causal_mask` in the attention backend's format. At decoding steps
-the pruned layers get the mask of their shorter cache plus the new tokens. Which positions survive is the
-subclass's `select`.
+sequence built by transformers' `create_causal_mask` in the attention backend's format, each of the layer's
+kind (Gemma 3: sliding-window layers get the window and the local RoPE; the tokens of one image keep
+attending to each other both ways). At decoding steps the pruned layers get the mask of their shorter cache
+plus the new tokens. Which positions survive is the subclass's `select`.
 
 `IdealReducer` keeps a fixed, precomputed index: no scoring, no top-k, no data-dependent bookkeeping, no
 host synchronisation. Layers below K run on the full sequence and layers from K on the kept one, exactly as
@@ -36,12 +37,19 @@ class SequenceReducer:
         if not 0 < layer < len(self.layers):
             raise ValueError(f"layer must be in 1..{len(self.layers) - 1}, got {layer}")
         self.layer = layer
+        self.config = self.adapter.language_model().config
+        self._layer_index = {module: index for index, module in enumerate(self.layers)}
         self._handles: list[Any] = []
         self._prefill = False
+        self._call: dict[str, Any] = {}  # the multimodal forward's 2-D padding mask and image blocks
         self._padding: torch.Tensor | None = None  # (B, L) the language model's 2-D mask of this forward
         self._pruned_padding: torch.Tensor | None = None  # (B, L') kept slots of the prompt
+        self._index: torch.Tensor | None = None  # (B, L') the kept positions of this prompt
+        self._block_ids: torch.Tensor | None = None  # (B, L') the kept tokens' image blocks (Gemma 3)
+        self._mask_padding: torch.Tensor | None = None  # (B, KV) real keys of the pruned layers, this forward
         self._prompt_length = 0
-        self._layer_kwargs: dict[str, Any] | None = None  # what layers K.. get instead of their own
+        self._shared: dict[str, Any] = {}  # what every layer from K on gets (position ids) this forward
+        self._per_kind: dict[str, dict[str, Any]] = {}  # mask (and RoPE) per layer kind, this forward
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -60,6 +68,7 @@ class SequenceReducer:
             return self
         language_model = self.adapter.language_model()
         self._handles = [
+            self.adapter.multimodal_module().register_forward_pre_hook(self._on_multimodal, with_kwargs=True),
             language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True),
             language_model.register_forward_hook(self._after_language_model, always_call=True),
         ]
@@ -73,7 +82,8 @@ class SequenceReducer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._layer_kwargs = self._pruned_padding = self._padding = None
+        self._pruned_padding = self._padding = self._index = self._block_ids = self._mask_padding = None
+        self._shared, self._per_kind, self._call = {}, {}, {}
 
     def __enter__(self) -> SequenceReducer:
         return self.attach()
@@ -83,46 +93,42 @@ class SequenceReducer:
 
     # ------------------------------------------------------------------ hooks
 
+    def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The 2-D padding mask the model was called with (Gemma 3 hands its language model masks already
+        built per layer kind) and, at a prompt, its image blocks (tokens of one image attend both ways)."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        blocks = None
+        if input_ids is not None:
+            blocks = self.adapter.bidirectional_blocks(input_ids, kwargs)
+        self._call = {"attention_mask": kwargs.get("attention_mask"), "block_ids": blocks}
+
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = compat.cache_from(kwargs)
         # A prompt when nothing is cached yet (get_seq_length is a shape read, no device sync).
         self._prefill = cache is None or cache.get_seq_length() == 0
-        self._padding = kwargs.get("attention_mask")
-        self._layer_kwargs = None
+        padding = kwargs.get("attention_mask")
+        self._padding = self._call.get("attention_mask") if isinstance(padding, dict) else padding
+        self._shared, self._per_kind, self._mask_padding = {}, {}, None
 
     def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._layer_kwargs, self._padding = None, None
+        self._shared, self._per_kind, self._mask_padding, self._padding = {}, {}, None, None
 
-    def _on_first_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _on_first_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = compat.cache_from(kwargs)
         if self._prefill:
-            index = self.select(hidden, kwargs)
+            index = self._index = self.select(hidden, kwargs)
             batch, length = hidden.shape[:2]
             hidden = gather_sequence(hidden, index, seq_dim=1)
-            cos, sin = kwargs["position_embeddings"]
             padding = self._padding
             if padding is None:
                 padding = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-            self._pruned_padding = gather_sequence(padding.bool(), index, seq_dim=1)
+            self._pruned_padding = self._mask_padding = gather_sequence(padding.bool(), index, seq_dim=1)
+            blocks = self._call.get("block_ids")
+            self._block_ids = None if blocks is None else gather_sequence(blocks.to(index.device), index, 1)
             self._prompt_length = length
-            layer_kwargs: dict[str, Any] = {
-                "position_embeddings": (
-                    gather_sequence(cos, index, seq_dim=cos.dim() - 2),
-                    gather_sequence(sin, index, seq_dim=sin.dim() - 2),
-                ),
-                "attention_mask": self._mask(hidden, self._pruned_padding, cache),
-            }
-            position_ids = kwargs.get("position_ids")
             if "position_ids" in kwargs:
-                # FlashAttention reads non-contiguous position ids as packed sequences; the mask says it all.
-                flash = "flash" in str(self.adapter.language_model().config._attn_implementation)
-                layer_kwargs["position_ids"] = (
-                    None
-                    if position_ids is None or flash
-                    else gather_sequence(position_ids, index, seq_dim=position_ids.dim() - 1)
-                )
-            self._layer_kwargs = layer_kwargs
+                self._shared["position_ids"] = self._kept_position_ids(kwargs.get("position_ids"), index)
             args, kwargs = (
                 ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
             )
@@ -135,17 +141,52 @@ class SequenceReducer:
                     cache.get_seq_length(self.layer) + hidden.shape[1] - self._pruned_padding.shape[1]
                 )
                 new = torch.ones(hidden.shape[0], new_length, dtype=torch.bool, device=hidden.device)
-            padding = torch.cat([self._pruned_padding, new], dim=1)
-            self._layer_kwargs = {"attention_mask": self._mask(hidden, padding, cache)}
+            self._mask_padding = torch.cat([self._pruned_padding, new], dim=1)
         return self._on_later_layer(module, args, kwargs) or (args, kwargs)
 
     def _on_later_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self._layer_kwargs is None:
+        """Every layer from K on gets the mask of its kind (full / sliding window) and, at a prompt, the kept
+        tokens' RoPE of its kind (Gemma 3's local and global bases), each built once per forward."""
+        if self._mask_padding is None:
             return None
-        return args, {**kwargs, **self._layer_kwargs}
+        index = self._layer_index[module]
+        kind = compat.layer_type(self.config, index)
+        if kind not in self._per_kind:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            blocks = self._block_ids if self._prefill else None
+            own = {
+                "attention_mask": self._mask(
+                    hidden, self._mask_padding, compat.cache_from(kwargs), index, blocks
+                )
+            }
+            if self._prefill:
+                cos, sin = kwargs["position_embeddings"]  # the layer's own kind, for the whole prompt
+                own["position_embeddings"] = (
+                    gather_sequence(cos, self._index, seq_dim=cos.dim() - 2),
+                    gather_sequence(sin, self._index, seq_dim=sin.dim() - 2),
+                )
+            self._per_kind[kind] = own
+        return args, {**kwargs, **self._shared, **self._per_kind[kind]}
 
-    def _mask(self, hidden: torch.Tensor, padding: torch.Tensor, cache: Cache | None) -> Any:
-        return compat.causal_mask(self.adapter.language_model().config, hidden, padding, cache, self.layer)
+    def _kept_position_ids(
+        self, position_ids: torch.Tensor | None, index: torch.Tensor
+    ) -> torch.Tensor | None:
+        # FlashAttention reads non-contiguous position ids as packed sequences; the mask says it all.
+        flash = "flash" in str(self.config._attn_implementation)
+        if position_ids is None or flash:
+            return None
+        return gather_sequence(position_ids, index, seq_dim=position_ids.dim() - 1)
+
+    def _mask(
+        self,
+        hidden: torch.Tensor,
+        padding: torch.Tensor,
+        cache: Cache | None,
+        layer: int | None = None,
+        block_ids: torch.Tensor | None = None,
+    ) -> Any:
+        layer = self.layer if layer is None else layer
+        return compat.causal_mask(self.config, hidden, padding, cache, layer, block_ids)
 
 
 class IdealReducer(SequenceReducer):
