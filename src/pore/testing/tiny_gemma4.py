@@ -35,13 +35,11 @@ from tokenizers.models import WordLevel
 from transformers import (
     Gemma4Config,
     Gemma4ForConditionalGeneration,
-    Gemma4Processor,
     Gemma4TextConfig,
     Gemma4VisionConfig,
     GenerationConfig,
     PreTrainedTokenizerFast,
 )
-from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 from pore.testing.tiny_llava import DEFAULT_WORDS, _normalizer, _pre_tokenizer, save_checkpoint, vocabulary
 
@@ -242,10 +240,17 @@ def build_gemma4_tokenizer(
 
 
 def build_gemma4_processor(
-    max_soft_tokens: int = 70, patch_size: int = 2, pooling_kernel_size: int = 2, words: Iterable[str] = DEFAULT_WORDS
-) -> Gemma4Processor:
+    max_soft_tokens: int = 70,
+    patch_size: int = 2,
+    pooling_kernel_size: int = 2,
+    words: Iterable[str] = DEFAULT_WORDS,
+) -> Any:
     """The real `Gemma4Processor`: each image resized, keeping its aspect ratio, to at most
-    `max_soft_tokens` soft tokens of `pooling_kernel_size`^2 patches each (Gemma 4's PIL preprocessing)."""
+    `max_soft_tokens` soft tokens of `pooling_kernel_size`^2 patches each (Gemma 4's PIL preprocessing).
+    Imported here: transformers 5.17's Gemma 4 processor module needs torchvision."""
+    from transformers import Gemma4Processor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
     image_processor = Gemma4ImageProcessorPil(
         patch_size=patch_size, max_soft_tokens=max_soft_tokens, pooling_kernel_size=pooling_kernel_size
     )
