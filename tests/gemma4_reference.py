@@ -20,11 +20,11 @@ from pore.testing.tiny_gemma4 import EOS_TOKEN, IMAGE_TOKEN, build_tiny_gemma4, 
 
 # (prefix, image grids (rows, cols), suffix): different prompt lengths, numbers and sizes of images, all
 # longer than the window (8).
-# Text ids from 11 on: 0-10 are the special tokens (`GEMMA4_SPECIAL_TOKENS`).
+# Text ids from 13 on: 0-12 are the special tokens (`GEMMA4_SPECIAL_TOKENS`).
 PROMPTS = [
-    ([12, 13, 14], [(2, 3)], [15, 16, 17, 18]),
-    ([19], [(3, 3), (2, 2)], [20, 21, 22, 23, 24, 25]),
-    ([26, 27], [(3, 2)], [28]),
+    ([13, 14, 15], [(2, 3)], [16, 17, 18, 19]),
+    ([20], [(3, 3), (2, 2)], [21, 22, 23, 24, 25, 26]),
+    ([27, 28], [(3, 2)], [29]),
 ]
 
 

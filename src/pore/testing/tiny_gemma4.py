@@ -71,6 +71,8 @@ GEMMA4_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|turn>",
     "<|video|>",
     "<|audio|>",
+    "<|audio>",
+    "<audio|>",
 )
 PAD_TOKEN, EOS_TOKEN, BOS_TOKEN, END_OF_TURN = 0, 1, 2, 4
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = 5, 6, 7  # <|image|>, <|image>, <image|>
@@ -229,6 +231,8 @@ def build_gemma4_tokenizer(
             "boi_token": "<|image>",
             "eoi_token": "<image|>",
             "audio_token": "<|audio|>",
+            "boa_token": "<|audio>",
+            "eoa_token": "<audio|>",
         },
         padding_side="left",
         model_max_length=model_max_length,
@@ -239,26 +243,44 @@ def build_gemma4_tokenizer(
     return tokenizer
 
 
+def image_only_processor_class() -> type:
+    """`Gemma4Processor` without its audio feature extractor and video processor (the video processor needs
+    torchvision, not installable beside this CPU torch build).
+
+    The real `__init__` runs, handed `feature_extractor=None` and `video_processor=None`; the class check of
+    the parts lets those two be absent. Prompts and image outputs are the real class's. It cannot be loaded
+    back with `AutoProcessor` (which looks for the video processor), as for `pore.testing.tiny_onevision`.
+    Built in a function: transformers 5.17's Gemma 4 processor module imports torchvision itself."""
+    from transformers import Gemma4Processor
+
+    class ImageOnlyGemma4Processor(Gemma4Processor):
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument is None and argument_name in ("feature_extractor", "video_processor"):
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyGemma4Processor
+
+
 def build_gemma4_processor(
     max_soft_tokens: int = 70,
     patch_size: int = 2,
     pooling_kernel_size: int = 2,
     words: Iterable[str] = DEFAULT_WORDS,
 ) -> Any:
-    """The real `Gemma4Processor`: each image resized, keeping its aspect ratio, to at most
-    `max_soft_tokens` soft tokens of `pooling_kernel_size`^2 patches each (Gemma 4's PIL preprocessing).
-    Imported here: transformers 5.17's Gemma 4 processor module needs torchvision."""
-    from transformers import Gemma4Processor
+    """Gemma 4's processor (`image_only_processor_class`): each image resized, keeping its aspect ratio, to
+    at most `max_soft_tokens` soft tokens of `pooling_kernel_size`^2 patches each (Gemma 4's PIL
+    preprocessing), each image placeholder expanded to `<|image>`, its soft tokens, `<image|>`."""
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
     image_processor = Gemma4ImageProcessorPil(
         patch_size=patch_size, max_soft_tokens=max_soft_tokens, pooling_kernel_size=pooling_kernel_size
     )
-    return Gemma4Processor(
+    return image_only_processor_class()(
         feature_extractor=None,
+        video_processor=None,
         image_processor=image_processor,
         tokenizer=build_gemma4_tokenizer(words),
-        video_processor=None,
         chat_template=GEMMA4_CHAT_TEMPLATE,
         image_seq_length=max_soft_tokens,
     )
