@@ -57,7 +57,11 @@ def pad_patches(parts: list[dict]) -> dict:
 def sample_inputs(b: int) -> dict:
     prefix, image_grids, suffix = PROMPTS[b]
     ids = torch.tensor([gemma4_prompt(prefix, tokens(b), suffix)])
-    return {"input_ids": ids, **gemma4_pixels(image_grids, b), "mm_token_type_ids": (ids == IMAGE_TOKEN).long()}
+    return {
+        "input_ids": ids,
+        **gemma4_pixels(image_grids, b),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).long(),
+    }
 
 
 def batch_inputs() -> dict:
@@ -85,7 +89,12 @@ def image_positions(input_ids: torch.Tensor, b: int) -> list[torch.Tensor]:
 
 
 def reference_kept(
-    eager: nn.Module, inputs: dict, b: int, layer: int, keep: int, weight: Callable[[int, int, int, int], float]
+    eager: nn.Module,
+    inputs: dict,
+    b: int,
+    layer: int,
+    keep: int,
+    weight: Callable[[int, int, int, int], float],
 ) -> list[list[int]]:
     """FastV's choice for one sample: layer K-1's eager attention of the last token, mean over heads, times
     the prior at each token's (row, col) of its own image grid, the top `keep` of each image (earlier token
@@ -96,7 +105,9 @@ def reference_kept(
     last_row = out.attentions[layer - 1][0, :, -1, :].mean(dim=0).double()  # (L,)
     kept = []
     for positions, (rows, cols) in zip(image_positions(inputs["input_ids"], b), grids(b), strict=True):
-        scores = [last_row[p].item() * weight(i // cols, i % cols, rows, cols) for i, p in enumerate(positions)]
+        scores = [
+            last_row[p].item() * weight(i // cols, i % cols, rows, cols) for i, p in enumerate(positions)
+        ]
         ranking = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         kept.append(sorted(ranking[:keep]))
     return kept

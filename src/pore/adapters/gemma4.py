@@ -47,7 +47,10 @@ from pore.adapters.gemma3 import Gemma3Adapter, image_runs
 def kv_storing_layers(text_config: Any) -> list[int]:
     """The decoder layers whose keys / values the KV-shared layers read: the last layer of each kind before
     the first shared one (`num_kv_shared_layers` of them at the end); [] without KV sharing."""
-    layers, shared = int(text_config.num_hidden_layers), int(getattr(text_config, "num_kv_shared_layers", 0) or 0)
+    layers, shared = (
+        int(text_config.num_hidden_layers),
+        int(getattr(text_config, "num_kv_shared_layers", 0) or 0),
+    )
     if shared == 0:
         return []
     own = list(text_config.layer_types[: layers - shared])
@@ -71,7 +74,10 @@ class Gemma4Adapter(Gemma3Adapter):
     name = "gemma4"
     classes = ("Gemma4ForConditionalGeneration", "Gemma4Model")
     model_types = ("gemma4",)
-    per_token_layer_argument = (1, "per_layer_input")  # Gemma4TextDecoderLayer.forward(hidden, per_layer_input)
+    per_token_layer_argument = (
+        1,
+        "per_layer_input",
+    )  # Gemma4TextDecoderLayer.forward(hidden, per_layer_input)
     bidirectional_layer_types = ("sliding_attention",)
 
     @classmethod
@@ -113,7 +119,9 @@ class Gemma4Adapter(Gemma3Adapter):
     ) -> VisualLayout:
         video_id = getattr(self.model.config, "video_token_id", None)
         if video_id is not None and bool((input_ids == video_id).any()):
-            raise NotImplementedError("pruning Gemma 4 video tokens is not supported: prompts with images only")
+            raise NotImplementedError(
+                "pruning Gemma 4 video tokens is not supported: prompts with images only"
+            )
         is_image = self.visual_token_mask(input_ids)  # (B, L)
         seq_index, slot, valid, counts = visual_slots(is_image)  # (B, N) each
         positions = (image_inputs or {}).get("image_position_ids")
