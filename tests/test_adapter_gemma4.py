@@ -145,7 +145,7 @@ def test_generate_places_tokens_from_the_vision_towers_own_call(model) -> None:
 @pytest.mark.parametrize(("attn", "keep"), [("sdpa", 1), ("eager", 1), ("eager", 3)])
 def test_logits_to_keep_runs_the_shared_layers_on_the_last_tokens_as_the_full_forward(attn, keep) -> None:
     """With an integer logits_to_keep the model runs its KV-shared layers on the last tokens only; the
-    pruned layers' masks and RoPE are cut to them: the logits equal the last rows of the full pruned forward."""
+    pruned layers' masks and RoPE are cut to them: the logits are the last rows of the full pruned forward."""
     model = ref.tiny_model(attn)
     inputs = ref.sample_inputs(1)
     with torch.no_grad(), Pruner(model, build_strategy("pore_linear", keep=3, layer=2)):

@@ -25,8 +25,8 @@ What the language model does differently from Gemma 3, and how pruning follows i
   layer ran on, so a cut is exact only if every storing layer runs on the cut sequence: stages may cut at
   layers up to the first storing layer (`facts().last_prunable_layer`); deeper stages are refused before the
   weights load;
-- at a prefill with an integer `logits_to_keep` (generate()), the KV-shared layers run on the last tokens only;
-  the engine cuts its masks and RoPE to them as the model does.
+- at a prefill with an integer `logits_to_keep` (generate()), the KV-shared layers run on the last tokens
+  only; the engine cuts its masks and RoPE to them as the model does.
 
 Audio and video inputs are not pruned (prompts with video tokens are refused); the SigLIP-like tower has no
 [CLS] token and each token pools several patches: requests of the vision tower are not served.
@@ -34,6 +34,7 @@ Audio and video inputs are not pruned (prompts with video tokens are refused); t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,16 +91,12 @@ class Gemma4Adapter(Gemma3Adapter):
         storing = kv_storing_layers(config.get_text_config())
         if not storing:
             return facts
-        return ModelFacts(
-            **{
-                **vars(facts),
-                "last_prunable_layer": storing[0],
-                "prunable_layers_reason": (
-                    f"its last {config.get_text_config().num_kv_shared_layers} layers reuse the keys and values "
-                    f"that layers {storing} compute, which must already run on the pruned sequence"
-                ),
-            }
+        shared = config.get_text_config().num_kv_shared_layers
+        reason = (
+            f"its last {shared} layers reuse the keys and values that layers {storing} compute, which must "
+            f"already run on the pruned sequence"
         )
+        return dataclasses.replace(facts, last_prunable_layer=storing[0], prunable_layers_reason=reason)
 
     def __init__(self, model: nn.Module) -> None:
         ModelAdapter.__init__(self, model)

@@ -3,9 +3,9 @@
 Two things a language model may hand its decoder layers that the pruned masks and RoPE do not cover:
 
 - a per-token tensor besides the hidden states (Gemma 4's per-layer input embeddings: layer i receives
-  `per_layer_inputs[:, :, i, :]`, (B, L, D_ple), sliced by the language model from a tensor it computed for the
-  whole prompt before its layers). The argument is named by the adapter (`per_token_layer_argument`); after a
-  pruning stage the engine gathers it at the kept slots (slot s of the current sequence came from prompt
+  `per_layer_inputs[:, :, i, :]`, (B, L, D_ple), sliced by the language model from a tensor it computed for
+  the whole prompt before its layers). The adapter names the argument (`per_token_layer_argument`); after
+  a pruning stage the engine gathers it at the kept slots (slot s of the current sequence came from prompt
   position `Prefill.origin[b, s]`), as it gathers the hidden states;
 - hidden states of the last Q tokens only (Gemma 4 at a prefill with an integer `logits_to_keep`: its
   KV-shared layers write no cache, so it runs them on the tokens whose logits are kept, slicing the masks and

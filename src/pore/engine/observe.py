@@ -26,7 +26,6 @@ step, is ignored); `scoring_inputs` gathers them per visual token. Each stage cl
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
