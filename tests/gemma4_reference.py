@@ -16,7 +16,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pore.testing.tiny_gemma4 import EOS_TOKEN, IMAGE_TOKEN, build_tiny_gemma4, gemma4_pixels, gemma4_prompt
+from pore.testing.tiny_gemma4 import (
+    AUDIO_TOKEN,
+    EOS_TOKEN,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    build_tiny_gemma4,
+    gemma4_pixels,
+    gemma4_prompt,
+)
 
 # (prefix, image grids (rows, cols), suffix): different prompt lengths, numbers and sizes of images, all
 # longer than the window (8).
@@ -147,7 +155,9 @@ def reference_pruned_logits(model: nn.Module, inputs: dict, layer: int, kept: to
     token_types = inputs.get("mm_token_type_ids", torch.zeros_like(input_ids))
     is_image = input_ids == IMAGE_TOKEN
     with torch.no_grad():
-        text_ids = input_ids.masked_fill(is_image, config.pad_token_id)  # the model embeds images as <pad>
+        # The model embeds every multimodal placeholder as <pad> (a random model may generate one).
+        placeholder = torch.isin(input_ids, torch.tensor([IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN]))
+        text_ids = input_ids.masked_fill(placeholder, config.pad_token_id)
         hidden = base.get_input_embeddings()(text_ids)
         per_layer = language_model.get_per_layer_inputs(text_ids, hidden)  # (1, L, layers, D_ple)
         features = base.get_image_features(inputs["pixel_values"], inputs["image_position_ids"]).pooler_output

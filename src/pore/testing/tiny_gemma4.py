@@ -44,11 +44,13 @@ from transformers import (
 from pore.testing.tiny_llava import DEFAULT_WORDS, _normalizer, _pre_tokenizer, save_checkpoint, vocabulary
 
 __all__ = [
+    "AUDIO_TOKEN",
     "BOI_TOKEN",
     "EOI_TOKEN",
     "EOS_TOKEN",
     "GEMMA4_SPECIAL_TOKENS",
     "IMAGE_TOKEN",
+    "VIDEO_TOKEN",
     "build_gemma4_processor",
     "build_gemma4_tokenizer",
     "build_tiny_gemma4",
