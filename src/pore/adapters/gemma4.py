@@ -122,10 +122,10 @@ class Gemma4Adapter(Gemma3Adapter):
         is_image = self.visual_token_mask(input_ids)  # (B, L)
         seq_index, slot, valid, counts = visual_slots(is_image)  # (B, N) each
         positions = (image_inputs or {}).get("image_position_ids")
+        if not bool(valid.any()):  # text only: no grid to read
+            zeros = torch.zeros_like(seq_index)
+            return VisualLayout(seq_index, zeros, zeros, zeros, zeros, zeros, valid, valid.clone())
         if positions is None:
-            if not bool(valid.any()):
-                zeros = torch.zeros_like(seq_index)
-                return VisualLayout(seq_index, zeros, zeros, zeros, zeros, zeros, valid, valid.clone())
             raise ValueError(
                 "Gemma 4 prompts with image tokens need image_position_ids (each patch's (x, y), as the "
                 "Gemma4Processor returns them) to place the tokens in their image grids"
