@@ -266,3 +266,13 @@ def test_real_checkpoints_compose_and_are_refused_clearly_offline(name: str, tmp
     hub = name.replace("gemma4_", "gemma-4-").replace("_", "-").upper().replace("GEMMA-4-", "gemma-4-")
     assert last.startswith("error: ") and f"google/{hub}-it" in last
     assert "hub id that is not in the local cache" in last and "Traceback" not in result.stderr
+
+
+def test_a_text_only_prompt_runs_untouched(model) -> None:
+    """No image tokens: nothing to prune, the untouched logits (the layout needs no patch positions)."""
+    ids = torch.tensor([[2, 13, 14, 15, 16, 17]])
+    with torch.no_grad():
+        untouched = model(input_ids=ids).logits
+        with Pruner(model, build_strategy("fastv", keep=3, layer=2)):
+            pruned = model(input_ids=ids).logits
+    torch.testing.assert_close(pruned, untouched, atol=1e-6, rtol=0)
