@@ -67,9 +67,16 @@ object there is created by one hook and consumed by a later one.
 |                          |                                     | `last_record` after the last stage;       |
 |                          |                                     | decoding: `S.forward.layer_inputs`        |
 |                          |                                     |                                           |
-| `_on_pruned_layer`       | `S.forward.layer_inputs`            | the layer's `attention_mask`,             |
-| (every layer from the    |                                     | `position_embeddings`, `position_ids`     |
-| first K on, pre-hook)    |                                     |                                           |
+| `_on_pruned_layer`       | `S.forward.layer_inputs`; at a      | the layer's `attention_mask`,             |
+| (every layer from the    | prompt the prefill's `origin`       | `position_embeddings`, `position_ids`; at |
+| first K on, pre-hook)    |                                     | a prompt its per-token argument gathered  |
+|                          |                                     | at the kept tokens, and the last Q rows   |
+|                          |                                     | for a layer run on Q queries only         |
+|                          |                                     | (`pore.engine.layer_inputs`, Gemma 4)     |
+|                          |                                     |                                           |
+| `_on_layout_module`      | the arguments the layout needs      | `S.incoming.image_inputs` (when generate()|
+| (`adapter.layout_inputs`,| (Gemma 4's patch positions)         | encoded the images before the forward)    |
+| pre-hook)                |                                     |                                           |
 |                          |                                     |                                           |
 | `_after_language_model`  | `S.forward` (consumed)              | nothing; a tripwire if a prompt or a      |
 | (language model,         |                                     | step went through without being pruned    |
