@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import gemma3_reference
+import gemma4_reference
 import internvl_reference
 import next_reference
 import onevision_reference
@@ -384,6 +385,31 @@ GEMMA3 = Family(
 )
 
 
+# ---------------------------------------------------------------------------------------------- Gemma 4
+
+GEMMA4 = Family(
+    name="gemma4",
+    adapter=None,
+    model=gemma4_reference.tiny_model,
+    batch=gemma4_reference.batch_inputs,
+    sample=gemma4_reference.sample_inputs,
+    images=[len(grids) for _, grids, _ in gemma4_reference.PROMPTS],
+    prunable=gemma4_reference.tokens,  # variable resolution: each image its own grid
+    fixed=lambda b: 0,
+    reference_kept=lambda eager, b, layer, keep, weight: gemma4_reference.reference_kept(
+        eager, gemma4_reference.sample_inputs(b), b, layer, keep, weight
+    ),
+    kept_positions=gemma4_reference.kept_positions,
+    reference_logits=gemma4_reference.reference_pruned_logits,
+    grow=gemma4_reference.append_token,
+    keep=3,
+    answer=gemma4_reference.until_eos,
+    # The vision tower pads each batch's images to the largest: its fp32 sums differ in the last bits.
+    batch_atol=1e-4,
+    vision_cls=False,  # no [CLS]; each token pools k x k patches
+)
+
+
 def remembered(family: Family) -> Family:
     """The family with its kept-set reference computed once per (model, sample, layer, keep, prior): the
     reference runs the eager model, whatever attention implementation the test runs the engine with."""
@@ -408,6 +434,7 @@ FAMILIES: dict[str, Family] = {
         qwen_family("qwen2_vl", adapter="qwen2_vl_frames"),
         dataclasses.replace(qwen3_family("qwen3_vl"), name="qwen3_vl_frames", adapter="qwen3_vl_frames"),
         GEMMA3,
+        GEMMA4,
     )
 }
 

@@ -62,7 +62,7 @@ CASES = [
     (
         ["model="],
         "run",
-        "model= names no model; choose one of: gemma3_12b, gemma3_27b, gemma3_4b, internvl3_14b,",  # sorted
+        "model= names no model; choose one of: gemma3_12b, gemma3_27b, gemma3_4b, gemma4_26b_a4b,",  # sorted
     ),
     (["data=gqaa"], "run", "unknown data 'gqaa' (did you mean gqa?); choose one of: gqa, mmbench,"),
     (["protocol=lava"], "run", "unknown protocol 'lava' (did you mean llava?); choose one of: default,"),

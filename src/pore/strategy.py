@@ -344,6 +344,13 @@ class Strategy:
                 f"which {model.family} models do not give (no [CLS] token, or tokens that merge patches); "
                 "choose a method scored by the language model's attention (e.g. strategy=fastv)"
             )
+        last = model.last_prunable_layer
+        if last is not None and max(self.layers) > last:
+            raise ValueError(
+                f"strategy.layer={list(self.layers)} cuts at layer {max(self.layers)}, but {model.family} "
+                f"models can only be pruned at layers <= {last}: {model.prunable_layers_reason}; choose "
+                f"layers <= {last}"
+            )
         if model.image_tokens is not None:
             for stage in self.stages():
                 if stage.keep is not None and stage.keep > model.image_tokens:

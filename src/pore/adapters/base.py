@@ -107,6 +107,9 @@ class ModelFacts:
     # whether the vision tower's per-position outputs ([CLS] attention, keys, hidden states) map to visual
     # tokens, for methods that read them (FasterVLM, VisionZip, ...); None: not known (not checked)
     vision_requests: bool | None = None
+    # the deepest decoder layer a pruning stage may cut at (None: any), and why (Gemma 4's KV-shared layers)
+    last_prunable_layer: int | None = None
+    prunable_layers_reason: str = ""
 
 
 class ModelAdapter(ABC):
@@ -132,6 +135,12 @@ class ModelAdapter(ABC):
     vision_requests: bool = False
     #: whether the language model adds features to tokens after its first layers (`take_layer_features`)
     adds_layer_features: bool = False
+    #: a per-token argument of the decoder layers besides the hidden states, as (positional index, keyword):
+    #: the engine gathers it at the kept tokens (Gemma 4's per-layer inputs); None: there is none
+    per_token_layer_argument: tuple[int, str] | None = None
+    #: the layer kinds whose mask lets the tokens of one image attend both ways (`bidirectional_blocks`):
+    #: every kind in Gemma 3, the sliding-window layers only in Gemma 4
+    bidirectional_layer_types: tuple[str, ...] = ("full_attention", "sliding_attention")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -214,6 +223,12 @@ class ModelAdapter(ABC):
             f"requests of the vision tower (VisionHiddenStates, VisionAttention, VisionKeys) are not "
             f"supported for it; image and text embeddings and decoder requests are"
         )
+
+    def layout_inputs(self) -> tuple[nn.Module, dict[str, str]] | None:
+        """A module whose forward receives what `visual_layout` needs and generate() may not hand the
+        multimodal forward (it encodes the images first), with {its argument: the `image_inputs` key to keep
+        it under}; None (the default): the multimodal forward's arguments are enough."""
+        return None
 
     def take_layer_features(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], LayerFeatures | None]:
         """The language model's arguments without the features it would add to token positions after its

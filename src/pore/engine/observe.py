@@ -25,6 +25,7 @@ step, is ignored); `scoring_inputs` gathers them per visual token. Each stage cl
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -287,12 +288,21 @@ class Observer:
                 f"{type(layer).__name__} has none (use options.score_from=previous_layer)"
             )
         kwargs = layer_kwargs()
-        self.adapter.attention_module(layer)(
-            hidden_states=norm(hidden),
-            attention_mask=kwargs.get("attention_mask"),
-            position_embeddings=kwargs["position_embeddings"],
-            position_ids=kwargs.get("position_ids"),
-        )  # no cache argument: its keyword moves between releases, and its default (None) is what we want
+        attention = self.adapter.attention_module(layer)
+        given = {
+            "hidden_states": norm(hidden),
+            "attention_mask": kwargs.get("attention_mask"),
+            "position_embeddings": kwargs["position_embeddings"],
+            "position_ids": kwargs.get("position_ids"),
+        }
+        # Arguments the attention cannot do without that the layer received (Gemma 4's shared_kv_states).
+        required = [
+            name
+            for name, parameter in inspect.signature(attention.forward).parameters.items()
+            if parameter.default is inspect.Parameter.empty and name not in given and name in kwargs
+        ]
+        # no cache argument: its keyword moves between releases, and its default (None) is what we want
+        attention(**given, **{name: kwargs[name] for name in required})
 
     # ------------------------------------------------------------------ delivery
 

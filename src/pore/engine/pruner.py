@@ -67,9 +67,16 @@ object there is created by one hook and consumed by a later one.
 |                          |                                     | `last_record` after the last stage;       |
 |                          |                                     | decoding: `S.forward.layer_inputs`        |
 |                          |                                     |                                           |
-| `_on_pruned_layer`       | `S.forward.layer_inputs`            | the layer's `attention_mask`,             |
-| (every layer from the    |                                     | `position_embeddings`, `position_ids`     |
-| first K on, pre-hook)    |                                     |                                           |
+| `_on_pruned_layer`       | `S.forward.layer_inputs`; at a      | the layer's `attention_mask`,             |
+| (every layer from the    | prompt the prefill's `origin`       | `position_embeddings`, `position_ids`; at |
+| first K on, pre-hook)    |                                     | a prompt its per-token argument gathered  |
+|                          |                                     | at the kept tokens, and the last Q rows   |
+|                          |                                     | for a layer run on Q queries only         |
+|                          |                                     | (`pore.engine.layer_inputs`, Gemma 4)     |
+|                          |                                     |                                           |
+| `_on_layout_module`      | the arguments the layout needs      | `S.incoming.image_inputs` (when generate()|
+| (`adapter.layout_inputs`,| (Gemma 4's patch positions)         | encoded the images before the forward)    |
+| pre-hook)                |                                     |                                           |
 |                          |                                     |                                           |
 | `_after_language_model`  | `S.forward` (consumed)              | nothing; a tripwire if a prompt or a      |
 | (language model,         |                                     | step went through without being pruned    |
@@ -89,6 +96,7 @@ from transformers.cache_utils import DynamicCache
 from pore import compat
 from pore.adapters import ModelAdapter, adapter_for
 from pore.engine.layer_features import LayerFeatureAdder
+from pore.engine.layer_inputs import layer_per_token_inputs
 from pore.engine.observe import Observer
 from pore.engine.record import PruningRecord
 from pore.engine.rerank import kept_raster
@@ -175,6 +183,11 @@ class Pruner:
             else:
                 hook = self._on_pruned_layer
             self._handles.append(self.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        layout_inputs = self.adapter.layout_inputs()
+        if layout_inputs is not None:  # arguments of another module the layout reads (Gemma 4's patch grid)
+            module, names = layout_inputs
+            hook = partial(self._on_layout_module, names)
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         if self.adapter.adds_layer_features:  # DeepStack: added to the tokens that survive, after each layer
             self._handles += LayerFeatureAdder(self._state).attach(self.layers)
         # After the pruner's own hooks: a capture of a layer's input sees what the pruner hands the layer.
@@ -232,8 +245,18 @@ class Pruner:
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = self._state.call()  # keeps what the vision tower reported if generate() encoded images first
         call.input_ids = kwargs.get("input_ids", args[0] if args else None)
-        # What the adapter may need to place the visual tokens (image_sizes, image_grid_thw, ...).
-        call.image_inputs = {key: value for key, value in kwargs.items() if key != "input_ids"}
+        # What the adapter may need to place the visual tokens (image_sizes, image_grid_thw, ...), on top of
+        # what the vision tower's hook kept of its own arguments (`ModelAdapter.layout_inputs`).
+        given = {key: value for key, value in kwargs.items() if key != "input_ids"}
+        kept = {key: value for key, value in call.image_inputs.items() if given.get(key) is None}
+        call.image_inputs = {**given, **kept}
+
+    def _on_layout_module(self, names: dict[str, str], module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep the arguments of a module (Gemma 4's vision tower: the patch positions) that the layout needs
+        and that generate() no longer hands the multimodal forward once it has encoded the images itself."""
+        call = self._state.call()
+        kept = {key: kwargs[name] for name, key in names.items() if kwargs.get(name) is not None}
+        call.image_inputs = {**call.image_inputs, **kept}
 
     def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # What the multimodal wrapper and the vision tower saw of this forward is consumed here.
@@ -390,4 +413,7 @@ class Pruner:
             kwargs["position_embeddings"] = pruned.position_embeddings[kind]
         if "position_ids" in kwargs:
             kwargs["position_ids"] = pruned.position_ids
+        prefill = forward.prefill
+        if prefill is not None:  # a prompt: per-token arguments follow the kept tokens
+            args, kwargs = layer_per_token_inputs(self.adapter, prefill, args, kwargs)
         return args, kwargs

@@ -294,7 +294,8 @@ class StageRunner:
         for index in range(self.stages[stage].layer, end):  # ascending: the stage's own layers first
             first_of_kind.setdefault(self.layer_types[index], index)
         config = self.adapter.language_model().config
+        blocks = self.adapter.bidirectional_layer_types  # the kinds whose mask has the image blocks
         return {
-            kind: pruned_mask(config, hidden, padding, cache, index, block_ids)
+            kind: pruned_mask(config, hidden, padding, cache, index, block_ids if kind in blocks else None)
             for kind, index in first_of_kind.items()
         }
