@@ -8,9 +8,9 @@ Here: where the adapter puts each image token (against the model's pooler, for h
 processor's aspect-preserving resize), what generate() does differently (pre-encoded images, logits_to_keep),
 the refusals, and the pipeline's collator.
 
-Not tested end to end here: `python src/run.py` on a tiny Gemma 4 checkpoint. `AutoProcessor` loads a Gemma 4
-processor only with its video processor, which needs torchvision (not installable beside this CPU torch
-build); the collator test below runs the real processor class without its video and audio parts instead.
+`python src/run.py` runs end to end on a tiny Gemma 4 checkpoint whose processor is the real class without its
+video and audio parts (the video processor needs torchvision, not installable beside this CPU torch build),
+registered with `AutoProcessor`.
 """
 
 from __future__ import annotations
@@ -252,6 +252,84 @@ def test_the_pipeline_collator_gives_inputs_the_pruner_runs_on(processor, checkp
             alone_answer = model.generate(**alone, max_new_tokens=4, do_sample=False)
             assert alone_answer[0, alone["input_ids"].shape[1] :].tolist() == answers[b].tolist()
             assert pruner.last_record.kept_raster == [kept[b]]
+
+
+# What `python src/run.py model=gemma4_e2b model.path=<tiny> strategy=<s>` does with each method the family
+# supports; stages stay at or before layer 4, the tiny model's KV-sharing limit (the refusal: below).
+RUNS = {
+    "none": [],
+    "fastv": [],
+    "pore_linear": [],
+    "pore_exponential": [],
+    "random": [],
+    "pool": [],
+    "pdrop": ["strategy.layer=[1,2,3]", "strategy.keep=[30,20,10]"],
+    "sparsevlm": ["strategy.layer=[1,2,3]", "strategy.keep=[24,16,8]"],
+    "dart": [],
+    "divprune": [],
+    "himap": [],
+    "tokencarve": [],
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, processor):
+    """A tiny Gemma 4 checkpoint whose processor (image-only subclass of the real class) `AutoProcessor`
+    finds by the class name the folder records."""
+    from transformers import AutoProcessor, Gemma4Config
+
+    from pore.testing.tiny_gemma4 import build_tiny_gemma4_checkpoint, image_only_processor_class
+
+    AutoProcessor.register(Gemma4Config, image_only_processor_class(), exist_ok=True)
+    path = build_tiny_gemma4_checkpoint(tmp_path_factory.mktemp("model") / "tiny-gemma4")
+    if not isinstance(AutoProcessor.from_pretrained(path), image_only_processor_class()):
+        pytest.skip("AutoProcessor here does not load a processor class registered at run time")
+    return path
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory: pytest.TempPathFactory):
+    from pipeline_fixtures import write_vqa_parquet
+
+    return write_vqa_parquet(tmp_path_factory.mktemp("data") / "vqa", samples=3)
+
+
+def run(checkpoint, benchmark, out, strategy: str, *extra: str):
+    from pipeline_fixtures import run_program
+
+    return run_program(
+        "model=gemma4_e2b",
+        f"model.path={checkpoint}",
+        "data=vqav2",
+        f"data.path={benchmark}",
+        "data.config=null",
+        "data.split=test",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "logger=none",
+        f"output_dir={out}",
+        f"strategy={strategy}",
+        *extra,
+    )
+
+
+@pytest.mark.parametrize("strategy", sorted(RUNS))
+def test_run_py_end_to_end_with_each_method(checkpoint, benchmark, tmp_path, strategy: str) -> None:
+    """A padded batch of images of different sizes, generation with the pruned cache (the KV-shared layers
+    on the last token only), per-layer FLOPs of a heterogeneous config; every sample predicted once."""
+    result = run(checkpoint, benchmark, tmp_path / strategy, strategy, *RUNS[strategy])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (tmp_path / strategy / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and all('"error": null' in row for row in rows)
+
+
+def test_run_py_refuses_a_stage_in_the_kv_shared_layers(checkpoint, benchmark, tmp_path) -> None:
+    """PyramidDrop's default stages, scaled to 8 layers, reach layer 6: one line, exit 2, before the
+    weights."""
+    result = run(checkpoint, benchmark, tmp_path / "pdrop", "pdrop")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "gemma4 models can only be pruned at layers <= 4" in last
 
 
 @pytest.mark.parametrize("name", ["gemma4_e2b", "gemma4_e4b", "gemma4_26b_a4b", "gemma4_31b"])

@@ -131,6 +131,14 @@ def _mask_cache_keyword() -> str:
 MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
+def layer_config(config: Any, layer_idx: int) -> Any:
+    """Decoder layer `layer_idx`'s own config where the layers differ (transformers' heterogeneous configs,
+    `per_layer_config`: Gemma 4's global layers have other head sizes than its sliding ones, and reading
+    `head_dim` off the model's config raises there), else `config` itself."""
+    per_layer = getattr(config, "per_layer_config", None)
+    return per_layer[layer_idx] if per_layer is not None else config
+
+
 def layer_type(config: Any, layer_idx: int) -> str:
     """The attention kind of decoder layer `layer_idx` (`config.layer_types`; full attention without it)."""
     layer_types = getattr(config, "layer_types", None)

@@ -25,6 +25,7 @@ and a word-level tokenizer. Command line: ``python -m pore.testing.tiny_gemma4 O
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -245,21 +246,39 @@ def build_gemma4_tokenizer(
     return tokenizer
 
 
+@functools.cache  # one class, so that an `AutoProcessor` registration matches the instances' class
 def image_only_processor_class() -> type:
     """`Gemma4Processor` without its audio feature extractor and video processor (the video processor needs
     torchvision, not installable beside this CPU torch build).
 
-    The real `__init__` runs, handed `feature_extractor=None` and `video_processor=None`; the class check of
-    the parts lets those two be absent. Prompts and image outputs are the real class's. It cannot be loaded
-    back with `AutoProcessor` (which looks for the video processor), as for `pore.testing.tiny_onevision`.
-    Built in a function: transformers 5.17's Gemma 4 processor module imports torchvision itself."""
+    transformers lists a processor's parts from its `__init__` signature: this class's has only the image
+    processor and the tokenizer, so it saves and loads those two (with `AutoProcessor` where it is
+    registered: `AutoProcessor.register(Gemma4Config, <this class>)`). The real `__init__` runs; the parts it
+    hands on as None are dropped before `ProcessorMixin` checks them (a class between the two in the MRO).
+    Prompts and image outputs are the real class's. Built in a function: transformers 5.17's Gemma 4
+    processor module imports torchvision itself."""
     from transformers import Gemma4Processor
+    from transformers.processing_utils import ProcessorMixin
 
-    class ImageOnlyGemma4Processor(Gemma4Processor):
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument is None and argument_name in ("feature_extractor", "video_processor"):
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
+    class _WithoutAbsentParts(ProcessorMixin):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            for part in ("feature_extractor", "video_processor"):
+                if part in kwargs and kwargs[part] is None:
+                    del kwargs[part]
+            super().__init__(*args, **kwargs)
+
+    class ImageOnlyGemma4Processor(Gemma4Processor, _WithoutAbsentParts):
+        def __init__(
+            self,
+            image_processor: Any = None,
+            tokenizer: Any = None,
+            chat_template: Any = None,
+            image_seq_length: int = 280,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(
+                None, image_processor, tokenizer, None, chat_template, image_seq_length, **kwargs
+            )
 
     return ImageOnlyGemma4Processor
 
@@ -279,8 +298,6 @@ def build_gemma4_processor(
         patch_size=patch_size, max_soft_tokens=max_soft_tokens, pooling_kernel_size=pooling_kernel_size
     )
     return image_only_processor_class()(
-        feature_extractor=None,
-        video_processor=None,
         image_processor=image_processor,
         tokenizer=build_gemma4_tokenizer(words),
         chat_template=GEMMA4_CHAT_TEMPLATE,
