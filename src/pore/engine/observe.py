@@ -94,6 +94,25 @@ def tokens_of_sequence(values: torch.Tensor, position: torch.Tensor, alive: torc
     return rows.masked_fill(missing, 0)
 
 
+def rerun_attention(attention: nn.Module, normed: torch.Tensor, kwargs: dict) -> None:
+    """Run a decoder layer's attention module once more on its normed input (B, L, D) with what the layer
+    received (`kwargs`), without the cache: its keyword moves between releases, and its default (None) is
+    what a re-run wants. Arguments the attention cannot do without that the layer received are passed on
+    (Gemma 4's `shared_kv_states`)."""
+    given = {
+        "hidden_states": normed,
+        "attention_mask": kwargs.get("attention_mask"),
+        "position_embeddings": kwargs["position_embeddings"],
+        "position_ids": kwargs.get("position_ids"),
+    }
+    required = [
+        name
+        for name, parameter in inspect.signature(attention.forward).parameters.items()
+        if parameter.default is inspect.Parameter.empty and name not in given and name in kwargs
+    ]
+    attention(**given, **{name: kwargs[name] for name in required})
+
+
 class Observer:
     """Captures the requests of one method on one model, for the pruner that owns `state`."""
 
@@ -287,22 +306,7 @@ class Observer:
                 f"options.score_from=own_layer needs decoder layers with an input_layernorm; "
                 f"{type(layer).__name__} has none (use options.score_from=previous_layer)"
             )
-        kwargs = layer_kwargs()
-        attention = self.adapter.attention_module(layer)
-        given = {
-            "hidden_states": norm(hidden),
-            "attention_mask": kwargs.get("attention_mask"),
-            "position_embeddings": kwargs["position_embeddings"],
-            "position_ids": kwargs.get("position_ids"),
-        }
-        # Arguments the attention cannot do without that the layer received (Gemma 4's shared_kv_states).
-        required = [
-            name
-            for name, parameter in inspect.signature(attention.forward).parameters.items()
-            if parameter.default is inspect.Parameter.empty and name not in given and name in kwargs
-        ]
-        # no cache argument: its keyword moves between releases, and its default (None) is what we want
-        attention(**given, **{name: kwargs[name] for name in required})
+        rerun_attention(self.adapter.attention_module(layer), norm(hidden), layer_kwargs())
 
     # ------------------------------------------------------------------ delivery
 
